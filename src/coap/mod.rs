@@ -1,0 +1,1 @@
+//! RFC 8323 CoAP-over-TCP codec (being written).
