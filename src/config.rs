@@ -1,1 +1,1181 @@
-//! Config (being written).
+//! Typed gateway configuration: the keys this release honours, their
+//! defaults, environment overrides and validation.
+//!
+//! Sources, later wins: built-in defaults, the TOML file (`--config`), then
+//! `COAP_GATEWAY__SECTION__KEY` environment variables. The result is
+//! validated once, so the rest of the gateway reads typed values
+//! (`SocketAddr`, `Duration`) and never checks them again.
+//!
+//! What this module does not do: read `RUST_LOG` (the logging setup does and
+//! lets it win over `log.level`), create the development PKI or check that the
+//! certificate files exist (`serve` does, at start), or map errors to exit
+//! codes (the CLI does: 2 for every [`ConfigError`]).
+//!
+//! Adding a section is a small change: a struct with
+//! `#[serde(default, deny_unknown_fields)]`, a `Default`, a `validate`, one
+//! field in [`Config`] (with `#[serde(default)]`), and its keys with comments
+//! in `config/gateway.toml`. Environment overrides learn the new keys by
+//! themselves: they are checked against the serialized defaults.
+
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use toml::{Table, Value};
+
+use crate::auth::ClientAuth;
+
+/// Environment variables whose name starts with this override config keys:
+/// `COAP_GATEWAY__COAP__TLS__CLIENT_AUTH=none` sets `coap.tls.client_auth`.
+pub const ENV_PREFIX: &str = "COAP_GATEWAY__";
+
+/// Separates the parts of a key's path in an environment variable name. A
+/// double underscore, because single underscores occur inside key names.
+const ENV_SEPARATOR: &str = "__";
+
+/// `coap.max_message_size` must be greater than this (spec §10.2: "> 64"):
+/// a smaller limit could not hold a sign-in request.
+pub const MESSAGE_SIZE_FLOOR: usize = 64;
+
+/// Upper bound for `coap.max_message_size`: 16 MiB. OCF resources are small
+/// (the default is 256 KiB); the bound keeps a typo (an extra digit or three)
+/// from letting one device make the gateway buffer gigabytes per connection.
+pub const MESSAGE_SIZE_CEILING: usize = 16 * 1024 * 1024;
+
+/// Upper bound for `coap.shards`. One shard is one thread; more than this is
+/// a typo rather than a machine.
+pub const MAX_SHARDS: usize = 1024;
+
+/// Lower bound for `coap.keepalive_timeout` (spec §2.4: "minimum 1 s").
+pub const MIN_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Directory under `hub.data_dir` that holds the development PKI.
+pub const PKI_DIR: &str = "pki";
+/// File name of the CA certificate in the development PKI.
+pub const PKI_CA_FILE: &str = "ca.pem";
+/// File name of the gateway certificate in the development PKI.
+pub const PKI_CERT_FILE: &str = "gateway.pem";
+/// File name of the gateway's private key in the development PKI.
+pub const PKI_KEY_FILE: &str = "gateway-key.pem";
+
+/// Where the text being parsed came from when it is not a file.
+const STRING_ORIGIN: &str = "<config text>";
+
+/// The gateway's whole configuration.
+///
+/// Built by [`Config::load`] / [`Config::load_with_env`] /
+/// [`Config::from_toml_str`], which fill in derived defaults and validate;
+/// a value you get from them is ready to use.
+///
+/// Fields carry `#[serde(default)]` one by one rather than on the struct, so
+/// that a missing section gets its section default (TLS paths still empty,
+/// to be derived from the *loaded* `hub.data_dir`), not the resolved
+/// [`Config::default`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[log]`
+    #[serde(default)]
+    pub log: LogConfig,
+    /// `[coap]`, with `[coap.tls]`
+    #[serde(default)]
+    pub coap: CoapConfig,
+    /// `[hub]`
+    #[serde(default)]
+    pub hub: HubConfig,
+}
+
+/// `[log]`: what is logged and how (logs go to stderr).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A level (`trace`, `debug`, `info`, `warn`, `error`, `off`) or
+    /// `tracing` filter directives (`"warn,coap_gateway::session=debug"`).
+    /// `RUST_LOG` wins when set. Default `info`.
+    pub level: String,
+    /// Line format. Default `text`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+impl LogConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+        let level = self.level.trim();
+        if level.is_empty() {
+            return Err(invalid("log.level", "must not be empty (e.g. \"info\")"));
+        }
+        // A lone word is meant as a level; rejecting anything else catches
+        // "inof". (The filter parser would take it as a target name and
+        // quietly log nothing useful.)
+        let is_single_word = !level.contains([',', '=', '[', ':']);
+        if is_single_word && !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(invalid(
+                "log.level",
+                format!("unknown level `{level}`; expected one of {} or filter directives like \"warn,coap_gateway=debug\"", LEVELS.join(", ")),
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(level)
+            .map(|_| ())
+            .map_err(|e| invalid("log.level", format!("`{level}` is not a valid filter: {e}")))
+    }
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Parses the same spellings as the config file, so `--log-format` on the
+/// command line and `log.format` accept the same words.
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(format!(
+                "unknown log format `{other}`; expected `text` or `json`"
+            )),
+        }
+    }
+}
+
+/// `[coap]`: the device listener (spec §2, §10.2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoapConfig {
+    /// Address the listener binds: an IP address and a port; host names are
+    /// not resolved. Port 0 lets the OS choose (tests, `bench --spawn`).
+    /// Default `0.0.0.0:5684`.
+    pub address: SocketAddr,
+    /// Listener shards (one thread each); 0 = one per core. See
+    /// [`CoapConfig::shard_count`]. Default 0.
+    pub shards: usize,
+    /// Largest inbound frame, in bytes. A frame whose Len announces more is
+    /// refused (Abort + close) before anything is allocated for it
+    /// (spec §2.2). Must be in `MESSAGE_SIZE_FLOOR + 1 ..= MESSAGE_SIZE_CEILING`.
+    /// Default 262144.
+    pub max_message_size: usize,
+    /// A device silent for half of this is pinged, and closed when still
+    /// silent (spec §2.4). At least 1 s. Default 20 s.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// Time a new connection has to finish the TLS handshake. Greater than
+    /// zero. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Most concurrent device connections; 0 = unlimited (bounded by the
+    /// OS). See [`CoapConfig::connection_limit`]. Default 0.
+    pub max_connections: usize,
+    /// `[coap.tls]`
+    pub tls: TlsConfig,
+}
+
+impl Default for CoapConfig {
+    fn default() -> Self {
+        Self {
+            address: SocketAddr::from(([0, 0, 0, 0], 5684)),
+            shards: 0,
+            max_message_size: 262_144,
+            keepalive_timeout: Duration::from_secs(20),
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 0,
+            tls: TlsConfig::default(),
+        }
+    }
+}
+
+impl CoapConfig {
+    /// The configured number of shards, or `None` for "one per core" (the
+    /// runtime asks the OS how many cores there are).
+    pub fn shard_count(&self) -> Option<NonZeroUsize> {
+        NonZeroUsize::new(self.shards)
+    }
+
+    /// The connection limit, or `None` for unlimited.
+    pub fn connection_limit(&self) -> Option<NonZeroUsize> {
+        NonZeroUsize::new(self.max_connections)
+    }
+
+    /// How long a device may stay silent before the gateway pings it: half
+    /// the keepalive timeout. Spec §2.4: `timeout / (maxRetries + 1)` with
+    /// `maxRetries = 1` on TCP.
+    pub fn keepalive_ping_after(&self) -> Duration {
+        self.keepalive_timeout / 2
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.shards > MAX_SHARDS {
+            return Err(invalid(
+                "coap.shards",
+                format!(
+                    "{} is more than {MAX_SHARDS}; use 0 for one per core",
+                    self.shards
+                ),
+            ));
+        }
+        if self.max_message_size <= MESSAGE_SIZE_FLOOR
+            || self.max_message_size > MESSAGE_SIZE_CEILING
+        {
+            return Err(invalid(
+                "coap.max_message_size",
+                format!(
+                    "{} bytes is out of range; it must be greater than {MESSAGE_SIZE_FLOOR} \
+                     and at most {MESSAGE_SIZE_CEILING} (16 MiB)",
+                    self.max_message_size
+                ),
+            ));
+        }
+        if self.keepalive_timeout < MIN_KEEPALIVE_TIMEOUT {
+            return Err(invalid(
+                "coap.keepalive_timeout",
+                format!(
+                    "{} is too short; it must be at least 1s",
+                    humantime::format_duration(self.keepalive_timeout)
+                ),
+            ));
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err(invalid(
+                "coap.handshake_timeout",
+                "must be greater than 0 (e.g. \"10s\")",
+            ));
+        }
+        self.tls.validate()
+    }
+}
+
+/// `[coap.tls]`: TLS on the device listener (spec §3).
+///
+/// The three paths default to the development PKI under `hub.data_dir`:
+/// a path left out or empty becomes `<data_dir>/pki/<file>` when the config
+/// is loaded, whatever `data_dir` ends up being (file or environment). An
+/// explicit path is kept as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// TLS on the listener; `false` = plain CoAP over TCP (`coap+tcp`).
+    /// Default `true` (spec §2.1).
+    pub enabled: bool,
+    /// Client certificate policy. Default `identity`.
+    pub client_auth: ClientAuth,
+    /// CA certificate(s) device certificates must chain to (PEM).
+    /// Default `<data_dir>/pki/ca.pem`.
+    pub ca: PathBuf,
+    /// The gateway's certificate chain (PEM).
+    /// Default `<data_dir>/pki/gateway.pem`.
+    pub cert: PathBuf,
+    /// The gateway's private key (PEM). Default `<data_dir>/pki/gateway-key.pem`.
+    pub key: PathBuf,
+}
+
+/// The paths are empty here: "not configured, derive from `hub.data_dir`".
+/// [`Config::default`] and the loaders fill them in.
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            client_auth: ClientAuth::default(),
+            ca: PathBuf::new(),
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+        }
+    }
+}
+
+impl TlsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        for (key, path) in [
+            ("coap.tls.ca", &self.ca),
+            ("coap.tls.cert", &self.cert),
+            ("coap.tls.key", &self.key),
+        ] {
+            if path.as_os_str().is_empty() {
+                return Err(invalid(
+                    key,
+                    "must name a file when coap.tls.enabled = true",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[hub]`: the back end devices are connected to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HubConfig {
+    /// Where the embedded defaults keep their state; the development PKI
+    /// lives in `<data_dir>/pki`. Default `data`.
+    pub data_dir: PathBuf,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("data"),
+        }
+    }
+}
+
+impl HubConfig {
+    /// `<data_dir>/pki`: where the development PKI lives.
+    pub fn pki_dir(&self) -> PathBuf {
+        self.data_dir.join(PKI_DIR)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("hub.data_dir", "must not be empty (e.g. \"data\")"));
+        }
+        Ok(())
+    }
+}
+
+/// Why a configuration could not be loaded. Every variant names where the
+/// problem is: the file, the environment variable or the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The text is not TOML, or does not fit the schema (unknown key, wrong
+    /// type, bad duration or address). `message` is toml's, which names the
+    /// line, the column and the key.
+    #[error("{origin}: {message}")]
+    Parse {
+        /// The file's path, or `<config text>`.
+        origin: String,
+        /// What is wrong, and where.
+        message: String,
+    },
+    /// A `COAP_GATEWAY__…` variable names no key, or its value does not fit.
+    #[error("environment variable {var}: {message}")]
+    Env {
+        /// The variable's name.
+        var: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value has the right type but is out of range or inconsistent.
+    #[error("invalid `{key}`: {message}")]
+    Invalid {
+        /// Dotted key, e.g. `coap.max_message_size`.
+        key: String,
+        /// What is wrong and what is accepted.
+        message: String,
+    },
+    /// The configuration cannot be written as TOML (a path that is not
+    /// UTF-8, which only a hand-built config can hold).
+    #[error("cannot write the configuration as TOML: {message}")]
+    Serialize {
+        /// toml's message.
+        message: String,
+    },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
+fn parse_error(origin: &str, error: &toml::de::Error) -> ConfigError {
+    ConfigError::Parse {
+        origin: origin.to_owned(),
+        // toml's messages end in a newline; the caller adds its own.
+        message: error.to_string().trim_end().to_owned(),
+    }
+}
+
+/// The documented defaults, with the TLS paths derived from the default
+/// `hub.data_dir` (`data/pki/…`). Equal to what `config/gateway.toml` loads.
+impl Default for Config {
+    fn default() -> Self {
+        let mut config = Self {
+            log: LogConfig::default(),
+            coap: CoapConfig::default(),
+            hub: HubConfig::default(),
+        };
+        config.fill_derived_paths();
+        config
+    }
+}
+
+impl Config {
+    /// Defaults, with `hub.data_dir` set to `data_dir` and the TLS paths
+    /// derived from it. For tests and for `--data-dir` style options.
+    pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        let mut config = Self {
+            log: LogConfig::default(),
+            coap: CoapConfig::default(),
+            hub: HubConfig {
+                data_dir: data_dir.into(),
+            },
+        };
+        config.fill_derived_paths();
+        config
+    }
+
+    /// Parses, fills in defaults and validates TOML text. No environment
+    /// overrides.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        Self::build(text, STRING_ORIGIN, Vec::new())
+    }
+
+    /// Loads the file at `path` (`None` = defaults only), applies the
+    /// process environment's `COAP_GATEWAY__…` overrides and validates.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, process_overrides()?)
+    }
+
+    /// [`Config::load`] with the environment given as name/value pairs, so
+    /// tests need not touch the process environment. Pairs whose name does
+    /// not start with [`ENV_PREFIX`] are ignored.
+    pub fn load_with_env<I>(path: Option<&Path>, env: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let overrides: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(name, _)| name.starts_with(ENV_PREFIX))
+            .collect();
+        match path {
+            None => Self::build("", "<defaults>", overrides),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Self::build(&text, &path.display().to_string(), overrides)
+            }
+        }
+    }
+
+    /// Checks ranges and consistency. The loaders call it; call it again
+    /// after changing a `Config` by hand.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.log.validate()?;
+        self.coap.validate()?;
+        self.hub.validate()
+    }
+
+    /// Whether the TLS files are the development PKI's:
+    /// `<data_dir>/pki/{ca.pem, gateway.pem, gateway-key.pem}`, compared
+    /// path by path as written (no file system access). Only then may
+    /// `serve` create the development PKI on first start: files the operator
+    /// named are never generated over.
+    pub fn uses_default_pki(&self) -> bool {
+        let pki = self.hub.pki_dir();
+        let tls = &self.coap.tls;
+        tls.ca == pki.join(PKI_CA_FILE)
+            && tls.cert == pki.join(PKI_CERT_FILE)
+            && tls.key == pki.join(PKI_KEY_FILE)
+    }
+
+    /// The effective configuration as TOML, every key written out (derived
+    /// paths included). Parsing it gives back an equal `Config`.
+    pub fn to_toml_string(&self) -> Result<String, ConfigError> {
+        toml::to_string_pretty(self).map_err(|e| ConfigError::Serialize {
+            message: e.to_string(),
+        })
+    }
+
+    /// Turns empty TLS paths into `<data_dir>/pki/<file>`; explicit paths
+    /// are kept. Runs after all sources are merged, so the paths follow
+    /// whichever `data_dir` won.
+    fn fill_derived_paths(&mut self) {
+        let pki = self.hub.pki_dir();
+        let tls = &mut self.coap.tls;
+        for (path, file) in [
+            (&mut tls.ca, PKI_CA_FILE),
+            (&mut tls.cert, PKI_CERT_FILE),
+            (&mut tls.key, PKI_KEY_FILE),
+        ] {
+            if path.as_os_str().is_empty() {
+                *path = pki.join(file);
+            }
+        }
+    }
+
+    fn build(
+        text: &str,
+        origin: &str,
+        overrides: Vec<(String, String)>,
+    ) -> Result<Self, ConfigError> {
+        // Deserialize the text itself first, even when overrides follow:
+        // only then do toml's errors carry line, column and the key's name.
+        let from_text: Config = toml::from_str(text).map_err(|e| parse_error(origin, &e))?;
+        let mut config = if overrides.is_empty() {
+            from_text
+        } else {
+            let table: Table = text.parse().map_err(|e| parse_error(origin, &e))?;
+            apply_overrides(table, overrides)?
+        };
+        config.fill_derived_paths();
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// One `COAP_GATEWAY__…` variable, resolved against the schema.
+struct Override {
+    var: String,
+    path: Vec<String>,
+    value: Value,
+}
+
+/// The prefixed variables of the process environment. Other variables are
+/// not ours and may hold anything; ours must be UTF-8.
+fn process_overrides() -> Result<Vec<(String, String)>, ConfigError> {
+    let mut vars = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        if !name.as_encoded_bytes().starts_with(ENV_PREFIX.as_bytes()) {
+            continue;
+        }
+        let name = name.into_string().map_err(|name| ConfigError::Env {
+            var: name.to_string_lossy().into_owned(),
+            message: "the name is not valid UTF-8".to_owned(),
+        })?;
+        let value = value.into_string().map_err(|_| ConfigError::Env {
+            var: name.clone(),
+            message: "the value is not valid UTF-8".to_owned(),
+        })?;
+        vars.push((name, value));
+    }
+    Ok(vars)
+}
+
+/// Merges the overrides into the file's table and deserializes the result.
+fn apply_overrides(file: Table, vars: Vec<(String, String)>) -> Result<Config, ConfigError> {
+    // Every key the schema knows, with its default value: the serialized
+    // defaults. Built from `Config` itself, so new sections need no list.
+    let schema = Table::try_from(Config::default()).map_err(|e| ConfigError::Serialize {
+        message: e.to_string(),
+    })?;
+    let mut overrides = vars
+        .into_iter()
+        .map(|(var, raw)| resolve_override(&schema, var, &raw))
+        .collect::<Result<Vec<_>, _>>()?;
+    // The environment has no order; sorting makes the result and the error
+    // reported first the same on every run.
+    overrides.sort_by(|a, b| a.var.cmp(&b.var));
+
+    let mut merged = file.clone();
+    for o in &overrides {
+        insert(&mut merged, o)?;
+    }
+    match merged.try_into::<Config>() {
+        Ok(config) => Ok(config),
+        Err(all) => {
+            // A table has no line numbers, so name the variable instead:
+            // find the override that fails on its own.
+            for o in &overrides {
+                let mut single = file.clone();
+                insert(&mut single, o)?;
+                if let Err(e) = single.try_into::<Config>() {
+                    return Err(ConfigError::Env {
+                        var: o.var.clone(),
+                        message: one_line(&e),
+                    });
+                }
+            }
+            Err(ConfigError::Env {
+                var: overrides
+                    .iter()
+                    .map(|o| o.var.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                message: one_line(&all),
+            })
+        }
+    }
+}
+
+/// toml's message for a table (no line numbers; it ends with "in `key`"
+/// on a line of its own) on one line, to follow the variable's name.
+fn one_line(error: &toml::de::Error) -> String {
+    error.to_string().trim_end().replace('\n', " ")
+}
+
+/// Checks the variable names a key of the schema and converts its value.
+fn resolve_override(schema: &Table, var: String, raw: &str) -> Result<Override, ConfigError> {
+    let env_error = |message: String| ConfigError::Env {
+        var: var.clone(),
+        message,
+    };
+    let path: Vec<String> = var[ENV_PREFIX.len()..]
+        .split(ENV_SEPARATOR)
+        .map(str::to_ascii_lowercase)
+        .collect();
+    if path.iter().any(String::is_empty) {
+        return Err(env_error(format!(
+            "expected {ENV_PREFIX}SECTION__KEY, e.g. {ENV_PREFIX}COAP__KEEPALIVE_TIMEOUT"
+        )));
+    }
+
+    let mut section = schema;
+    let mut default = None;
+    for (depth, part) in path.iter().enumerate() {
+        let dotted = path[..=depth].join(".");
+        let is_last = depth + 1 == path.len();
+        match section.get(part) {
+            None => {
+                let known = section
+                    .keys()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let place = if depth == 0 {
+                    "the configuration".to_owned()
+                } else {
+                    format!("[{}]", path[..depth].join("."))
+                };
+                return Err(env_error(format!(
+                    "unknown key `{dotted}`; {place} has: {known}"
+                )));
+            }
+            Some(Value::Table(inner)) if !is_last => section = inner,
+            Some(Value::Table(inner)) => {
+                let known = inner
+                    .keys()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(env_error(format!(
+                    "`{dotted}` is a section, not a key; name one of its keys: {known}"
+                )));
+            }
+            Some(value) if is_last => default = Some(value),
+            Some(_) => {
+                return Err(env_error(format!("`{dotted}` is a key, not a section")));
+            }
+        }
+    }
+
+    let value = match default {
+        // Text keys take the value verbatim: `data_dir=2024` is a directory
+        // name, not a number, and no quotes are needed.
+        Some(Value::String(_)) => Value::String(raw.to_owned()),
+        // Other keys take it as a TOML value (numbers, booleans); what does
+        // not parse stays text, and deserialization reports the type clash.
+        _ => raw
+            .parse::<Value>()
+            .unwrap_or_else(|_| Value::String(raw.to_owned())),
+    };
+    Ok(Override { var, path, value })
+}
+
+/// Sets `o.path` in `table`, creating sections the file left out.
+fn insert(table: &mut Table, o: &Override) -> Result<(), ConfigError> {
+    let Some((key, sections)) = o.path.split_last() else {
+        // resolve_override never yields an empty path; refuse rather than panic.
+        return Err(ConfigError::Env {
+            var: o.var.clone(),
+            message: "names no key".to_owned(),
+        });
+    };
+    let mut current = table;
+    for (depth, part) in sections.iter().enumerate() {
+        let entry = current
+            .entry(part.clone())
+            .or_insert_with(|| Value::Table(Table::new()));
+        current = match entry {
+            Value::Table(inner) => inner,
+            // The file passed typed deserialization, so a section is a
+            // table there; kept as an error for safety, not reachable.
+            _ => {
+                return Err(ConfigError::Env {
+                    var: o.var.clone(),
+                    message: format!(
+                        "the config file sets `{}` to a value, but it is a section",
+                        sections[..=depth].join(".")
+                    ),
+                })
+            }
+        };
+    }
+    current.insert(key.clone(), o.value.clone());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn load_text_with_env(text: &str, pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().map_err(|source| ConfigError::Io {
+            path: PathBuf::from("<tempdir>"),
+            source,
+        })?;
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, text).map_err(|source| ConfigError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Config::load_with_env(Some(&path), env(pairs))
+    }
+
+    fn invalid_key(result: Result<Config, ConfigError>) -> String {
+        match result {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected an Invalid error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_documented_table() {
+        let c = Config::default();
+        assert_eq!(c.log.level, "info");
+        assert_eq!(c.log.format, LogFormat::Text);
+        assert_eq!(
+            c.coap.address,
+            "0.0.0.0:5684".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(c.coap.shards, 0);
+        assert_eq!(c.coap.shard_count(), None);
+        assert_eq!(c.coap.max_message_size, 262_144);
+        assert_eq!(c.coap.keepalive_timeout, Duration::from_secs(20));
+        assert_eq!(c.coap.keepalive_ping_after(), Duration::from_secs(10));
+        assert_eq!(c.coap.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.coap.max_connections, 0);
+        assert_eq!(c.coap.connection_limit(), None);
+        assert!(c.coap.tls.enabled);
+        assert_eq!(c.coap.tls.client_auth, ClientAuth::Identity);
+        assert_eq!(c.coap.tls.ca, Path::new("data/pki/ca.pem"));
+        assert_eq!(c.coap.tls.cert, Path::new("data/pki/gateway.pem"));
+        assert_eq!(c.coap.tls.key, Path::new("data/pki/gateway-key.pem"));
+        assert_eq!(c.hub.data_dir, Path::new("data"));
+        assert!(c.uses_default_pki());
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn empty_text_and_no_file_give_defaults() {
+        assert_eq!(Config::from_toml_str("").unwrap(), Config::default());
+        assert_eq!(
+            Config::load_with_env(None, Vec::new()).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn shipped_gateway_toml_equals_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gateway.toml");
+        let loaded = Config::load_with_env(Some(&path), Vec::new()).unwrap();
+        assert_eq!(loaded, Config::default());
+    }
+
+    #[test]
+    fn file_values_override_defaults_and_the_rest_stay() {
+        let c = Config::from_toml_str(
+            r#"
+            [log]
+            format = "json"
+
+            [coap]
+            address = "127.0.0.1:15684"
+            shards = 4
+            max_message_size = 65536
+            keepalive_timeout = "1m"
+            handshake_timeout = "500ms"
+            max_connections = 10000
+
+            [coap.tls]
+            client_auth = "any"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.log.level, "info");
+        assert_eq!(
+            c.coap.address,
+            "127.0.0.1:15684".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(c.coap.shard_count(), NonZeroUsize::new(4));
+        assert_eq!(c.coap.max_message_size, 65536);
+        assert_eq!(c.coap.keepalive_timeout, Duration::from_secs(60));
+        assert_eq!(c.coap.handshake_timeout, Duration::from_millis(500));
+        assert_eq!(c.coap.connection_limit(), NonZeroUsize::new(10000));
+        assert_eq!(c.coap.tls.client_auth, ClientAuth::Any);
+        assert!(c.coap.tls.enabled);
+        assert!(c.uses_default_pki());
+    }
+
+    #[test]
+    fn env_overrides_numbers_strings_durations_and_nested_tls() {
+        let c = load_text_with_env(
+            "[coap]\nshards = 2\n",
+            &[
+                ("COAP_GATEWAY__COAP__SHARDS", "8"),
+                ("COAP_GATEWAY__COAP__MAX_CONNECTIONS", "500"),
+                ("COAP_GATEWAY__COAP__KEEPALIVE_TIMEOUT", "5s"),
+                ("COAP_GATEWAY__COAP__ADDRESS", "[::1]:5684"),
+                ("COAP_GATEWAY__COAP__TLS__CLIENT_AUTH", "none"),
+                ("COAP_GATEWAY__COAP__TLS__ENABLED", "false"),
+                ("COAP_GATEWAY__LOG__LEVEL", "debug"),
+                ("COAP_GATEWAY__LOG__FORMAT", "json"),
+                ("PATH", "/usr/bin"),
+                ("COAP_GATEWAY_CONFIG", "ignored: single underscore"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.coap.shards, 8, "the environment wins over the file");
+        assert_eq!(c.coap.max_connections, 500);
+        assert_eq!(c.coap.keepalive_timeout, Duration::from_secs(5));
+        assert_eq!(c.coap.address, "[::1]:5684".parse::<SocketAddr>().unwrap());
+        assert_eq!(c.coap.tls.client_auth, ClientAuth::None);
+        assert!(!c.coap.tls.enabled);
+        assert_eq!(c.log.level, "debug");
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn env_overrides_apply_without_a_file() {
+        let c = Config::load_with_env(
+            None,
+            env(&[("COAP_GATEWAY__COAP__MAX_MESSAGE_SIZE", "1152")]),
+        )
+        .unwrap();
+        assert_eq!(c.coap.max_message_size, 1152);
+        assert_eq!(c.coap.tls, Config::default().coap.tls);
+    }
+
+    #[test]
+    fn env_text_keys_take_the_value_verbatim() {
+        let c =
+            Config::load_with_env(None, env(&[("COAP_GATEWAY__HUB__DATA_DIR", "2024")])).unwrap();
+        assert_eq!(c.hub.data_dir, Path::new("2024"));
+        assert_eq!(c.coap.tls.ca, Path::new("2024/pki/ca.pem"));
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_named_with_the_file() {
+        let err = load_text_with_env("[coap]\nadress = \"0.0.0.0:1\"\n", &[]).unwrap_err();
+        let ConfigError::Parse { origin, message } = &err else {
+            panic!("expected a Parse error, got {err:?}");
+        };
+        assert!(origin.ends_with("gateway.toml"), "{origin}");
+        assert!(message.contains("adress"), "{message}");
+        assert!(message.contains("line 2"), "{message}");
+        assert!(err.to_string().contains("gateway.toml"), "{err}");
+    }
+
+    #[test]
+    fn unknown_section_and_nested_key_are_errors() {
+        let err = Config::from_toml_str("[coapp]\nshards = 1\n").unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Parse { message, .. } if message.contains("coapp")),
+            "{err}"
+        );
+        let err = Config::from_toml_str("[coap.tls]\nclient_auht = \"any\"\n").unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Parse { message, .. } if message.contains("client_auht")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn syntax_error_names_the_line() {
+        let err = Config::from_toml_str("[log]\nlevel = \n").unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Parse { message, .. } if message.contains("line 2")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_env_key_is_an_error_naming_the_variable() {
+        for (var, needle) in [
+            ("COAP_GATEWAY__COAP__KEEPALIVE", "coap.keepalive"),
+            ("COAP_GATEWAY__COAPP__SHARDS", "coapp"),
+            ("COAP_GATEWAY__COAP__TLS__CA_FILE", "coap.tls.ca_file"),
+            ("COAP_GATEWAY__COAP__TLS", "section"),
+            ("COAP_GATEWAY__COAP__SHARDS__X", "not a section"),
+            ("COAP_GATEWAY__", "SECTION__KEY"),
+            ("COAP_GATEWAY__COAP____SHARDS", "SECTION__KEY"),
+        ] {
+            let err = Config::load_with_env(None, env(&[(var, "1")])).unwrap_err();
+            let ConfigError::Env {
+                var: named,
+                message,
+            } = &err
+            else {
+                panic!("{var}: expected an Env error, got {err:?}");
+            };
+            assert_eq!(named, var);
+            assert!(message.contains(needle), "{var}: {message}");
+        }
+    }
+
+    #[test]
+    fn env_value_of_the_wrong_type_names_the_variable() {
+        let err = Config::load_with_env(
+            None,
+            env(&[
+                ("COAP_GATEWAY__LOG__LEVEL", "warn"),
+                ("COAP_GATEWAY__COAP__SHARDS", "many"),
+            ]),
+        )
+        .unwrap_err();
+        let ConfigError::Env { var, message } = &err else {
+            panic!("expected an Env error, got {err:?}");
+        };
+        assert_eq!(var, "COAP_GATEWAY__COAP__SHARDS");
+        assert!(message.contains("coap.shards"), "{message}");
+
+        let err = Config::load_with_env(
+            None,
+            env(&[("COAP_GATEWAY__COAP__HANDSHAKE_TIMEOUT", "10")]),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Env { var, .. } if var == "COAP_GATEWAY__COAP__HANDSHAKE_TIMEOUT"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn env_values_are_validated_too() {
+        let result = Config::load_with_env(
+            None,
+            env(&[("COAP_GATEWAY__COAP__KEEPALIVE_TIMEOUT", "0s")]),
+        );
+        assert_eq!(invalid_key(result), "coap.keepalive_timeout");
+    }
+
+    #[test]
+    fn bad_duration_is_a_parse_error() {
+        for text in [
+            "[coap]\nkeepalive_timeout = \"20\"\n",
+            "[coap]\nkeepalive_timeout = \"soon\"\n",
+            "[coap]\nhandshake_timeout = 10\n",
+        ] {
+            let err = Config::from_toml_str(text).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Parse { message, .. } if message.contains("timeout")),
+                "{text}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_address_is_a_parse_error() {
+        for address in ["localhost:5684", "0.0.0.0", "0.0.0.0:99999", ""] {
+            let text = format!("[coap]\naddress = \"{address}\"\n");
+            let err = Config::from_toml_str(&text).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Parse { message, .. } if message.contains("address")),
+                "{address}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn max_message_size_range() {
+        let size = |n: usize| Config::from_toml_str(&format!("[coap]\nmax_message_size = {n}\n"));
+        assert_eq!(invalid_key(size(10)), "coap.max_message_size");
+        assert_eq!(invalid_key(size(64)), "coap.max_message_size");
+        assert_eq!(
+            invalid_key(size(MESSAGE_SIZE_CEILING + 1)),
+            "coap.max_message_size"
+        );
+        size(65).unwrap();
+        size(MESSAGE_SIZE_CEILING).unwrap();
+        let err = size(10).unwrap_err().to_string();
+        assert!(
+            err.contains("coap.max_message_size") && err.contains("64"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn negative_numbers_are_refused() {
+        let err = Config::from_toml_str("[coap]\nmax_connections = -1\n").unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+    }
+
+    #[test]
+    fn keepalive_must_be_at_least_one_second() {
+        let keepalive =
+            |d: &str| Config::from_toml_str(&format!("[coap]\nkeepalive_timeout = \"{d}\"\n"));
+        assert_eq!(invalid_key(keepalive("0s")), "coap.keepalive_timeout");
+        assert_eq!(invalid_key(keepalive("999ms")), "coap.keepalive_timeout");
+        assert_eq!(
+            keepalive("1s").unwrap().coap.keepalive_timeout,
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn handshake_timeout_must_be_positive() {
+        let result = Config::from_toml_str("[coap]\nhandshake_timeout = \"0s\"\n");
+        assert_eq!(invalid_key(result), "coap.handshake_timeout");
+    }
+
+    #[test]
+    fn shards_are_bounded() {
+        let result = Config::from_toml_str("[coap]\nshards = 100000\n");
+        assert_eq!(invalid_key(result), "coap.shards");
+    }
+
+    #[test]
+    fn log_level_typos_are_caught_and_directives_accepted() {
+        let level = |l: &str| Config::from_toml_str(&format!("[log]\nlevel = \"{l}\"\n"));
+        assert_eq!(invalid_key(level("inof")), "log.level");
+        assert_eq!(invalid_key(level("")), "log.level");
+        level("WARN").unwrap();
+        level("warn,coap_gateway::session=debug").unwrap();
+        let err = Config::from_toml_str("[log]\nformat = \"yaml\"\n").unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }));
+        assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));
+        assert!("yaml".parse::<LogFormat>().is_err());
+    }
+
+    #[test]
+    fn data_dir_moves_the_default_pki_paths() {
+        let c = Config::from_toml_str("[hub]\ndata_dir = \"/var/lib/coap-gateway\"\n").unwrap();
+        assert_eq!(c.coap.tls.ca, Path::new("/var/lib/coap-gateway/pki/ca.pem"));
+        assert_eq!(
+            c.coap.tls.cert,
+            Path::new("/var/lib/coap-gateway/pki/gateway.pem")
+        );
+        assert_eq!(
+            c.coap.tls.key,
+            Path::new("/var/lib/coap-gateway/pki/gateway-key.pem")
+        );
+        assert!(c.uses_default_pki());
+        assert_eq!(c, Config::with_data_dir("/var/lib/coap-gateway"));
+
+        // Empty means "derived" as well (the shipped file writes them so).
+        let c =
+            Config::from_toml_str("[coap.tls]\nca = \"\"\n[hub]\ndata_dir = \"state\"\n").unwrap();
+        assert_eq!(c.coap.tls.ca, Path::new("state/pki/ca.pem"));
+
+        // The environment's data_dir moves the paths the file left out.
+        let c = load_text_with_env(
+            "[coap]\nshards = 1\n",
+            &[("COAP_GATEWAY__HUB__DATA_DIR", "/srv/gw")],
+        )
+        .unwrap();
+        assert_eq!(c.coap.tls.key, Path::new("/srv/gw/pki/gateway-key.pem"));
+        assert!(c.uses_default_pki());
+    }
+
+    #[test]
+    fn explicit_pki_paths_are_kept() {
+        let c = Config::from_toml_str(
+            "[coap.tls]\nca = \"/etc/gw/ca.pem\"\n[hub]\ndata_dir = \"/srv/gw\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.coap.tls.ca, Path::new("/etc/gw/ca.pem"));
+        assert_eq!(c.coap.tls.cert, Path::new("/srv/gw/pki/gateway.pem"));
+        assert!(!c.uses_default_pki());
+
+        // Written-out default paths stay put when data_dir changes later.
+        let c = Config::from_toml_str(
+            "[coap.tls]\nca = \"data/pki/ca.pem\"\n[hub]\ndata_dir = \"other\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.coap.tls.ca, Path::new("data/pki/ca.pem"));
+        assert!(!c.uses_default_pki());
+    }
+
+    #[test]
+    fn tls_paths_are_required_only_with_tls() {
+        let mut c = Config::default();
+        c.coap.tls.cert = PathBuf::new();
+        let err = c.validate().unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { key, .. } if key == "coap.tls.cert"),
+            "{err}"
+        );
+        c.coap.tls.enabled = false;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn empty_data_dir_is_invalid() {
+        let result = Config::from_toml_str("[hub]\ndata_dir = \"\"\n");
+        assert_eq!(invalid_key(result), "hub.data_dir");
+    }
+
+    #[test]
+    fn to_toml_string_round_trips() {
+        let custom = Config::from_toml_str(
+            r#"
+            [log]
+            level = "warn,coap_gateway=debug"
+            format = "json"
+            [coap]
+            address = "[::]:5684"
+            keepalive_timeout = "1m 30s"
+            handshake_timeout = "750ms"
+            max_connections = 7
+            [coap.tls]
+            enabled = false
+            client_auth = "none"
+            key = "/etc/gw/key.pem"
+            [hub]
+            data_dir = "/srv/gw"
+            "#,
+        )
+        .unwrap();
+        for config in [Config::default(), custom] {
+            let text = config.to_toml_string().unwrap();
+            assert_eq!(Config::from_toml_str(&text).unwrap(), config, "{text}");
+        }
+        let text = Config::default().to_toml_string().unwrap();
+        assert!(text.contains("keepalive_timeout = \"20s\""), "{text}");
+        assert!(text.contains("ca = \"data/pki/ca.pem\""), "{text}");
+    }
+
+    #[test]
+    fn missing_file_is_an_io_error_naming_it() {
+        let err = Config::load_with_env(Some(Path::new("/nonexistent/gateway.toml")), Vec::new())
+            .unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Io { path, .. } if path == Path::new("/nonexistent/gateway.toml"))
+        );
+        assert!(
+            err.to_string().contains("/nonexistent/gateway.toml"),
+            "{err}"
+        );
+    }
+}
