@@ -19,3 +19,13 @@ pub enum ClientAuth {
     /// Server-side TLS only; no client certificate is requested.
     None,
 }
+
+pub mod identity;
+pub mod pki;
+pub mod tls;
+pub mod verifier;
+
+pub use identity::{peer_identity, PeerIdentity};
+pub use pki::PkiError;
+pub use tls::{client_config, server_config, TlsError, TlsFiles};
+pub use verifier::{CertPolicyError, DeviceCertVerifier, LeafPolicy};
