@@ -9,4 +9,7 @@
 pub mod auth;
 pub mod coap;
 pub mod config;
+pub mod gateway;
+pub mod ocf;
+pub mod server;
 pub mod session;

@@ -1,1 +1,232 @@
-fn main() {}
+//! The `coap-gateway` command line (SURFACE.md): `serve` (default), `certs
+//! init`, `certs device`, `check-config`. Exit codes: 0 success, 2 bad usage
+//! or config, 1 runtime failure.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use coap_gateway::auth::pki;
+use coap_gateway::config::{Config, LogFormat};
+use coap_gateway::server;
+
+#[derive(Parser)]
+#[command(
+    name = "coap-gateway",
+    version,
+    about = "CoAP gateway for OCF devices (coaps+tcp)"
+)]
+struct Cli {
+    /// Log format on stderr (overrides `log.format`).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormatArg>,
+    /// Config file for `serve` when no subcommand is given.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the gateway (the default).
+    Serve,
+    /// Create certificates: a development CA and gateway certificate, or
+    /// device certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Validate a config file and print the effective configuration.
+    CheckConfig,
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create ca.pem, ca-key.pem, gateway.pem and gateway-key.pem in DIR.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+        /// The hub ID: the gateway certificate's CN is `uuid:<hub-id>`.
+        #[arg(long)]
+        hub_id: Option<uuid::Uuid>,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Create device.pem and device-key.pem signed by the CA in --ca DIR.
+    Device {
+        /// Directory holding ca.pem and ca-key.pem.
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        device_id: uuid::Uuid,
+        #[arg(long)]
+        out: PathBuf,
+        /// A plain client certificate without the OCF identity properties
+        /// (for `client_auth = "any"`).
+        #[arg(long)]
+        any: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(cli.config.as_deref(), cli.log_format),
+        Command::CheckConfig => check_config(cli.config.as_deref()),
+        Command::Certs(CertsCommand::Init { out, hub_id, force }) => {
+            let hub_id = hub_id.unwrap_or_else(uuid::Uuid::new_v4);
+            match pki::init(&out, hub_id, force) {
+                Ok(paths) => {
+                    for p in paths.written() {
+                        println!("wrote {}", p.display());
+                    }
+                    println!("hub ID {hub_id}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => usage_error(&e.to_string()),
+            }
+        }
+        Command::Certs(CertsCommand::Device {
+            ca,
+            device_id,
+            out,
+            any,
+        }) => match pki::device(&ca, device_id, &out, any) {
+            Ok(paths) => {
+                for p in paths.written() {
+                    println!("wrote {}", p.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => usage_error(&e.to_string()),
+        },
+    }
+}
+
+fn usage_error(message: &str) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(2)
+}
+
+fn load_config(path: Option<&Path>) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| usage_error(&e.to_string()))
+}
+
+fn check_config(path: Option<&Path>) -> ExitCode {
+    let Some(path) = path else {
+        return usage_error("check-config needs --config FILE");
+    };
+    let config = match load_config(Some(path)) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match config.to_toml_string() {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => usage_error(&e.to_string()),
+    }
+}
+
+fn init_logging(config: &Config, format: Option<LogFormatArg>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match format {
+        Some(LogFormatArg::Json) => true,
+        Some(LogFormatArg::Text) => false,
+        None => config.log.format == LogFormat::Json,
+    };
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn serve(path: Option<&Path>, format: Option<LogFormatArg>) -> ExitCode {
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging(&config, format);
+
+    match server::prepare_dev_pki(&config) {
+        Ok(Some(paths)) => print_first_start(&config, &paths),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(1);
+        }
+    }
+    let open_files = shards::system::raise_nofile_limit();
+    let runtime = match server::start(&config) {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    let flag = runtime.shutdown_flag();
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register(signal, flag.clone()) {
+            tracing::error!("cannot install the handler for signal {signal}: {e}");
+            runtime.shutdown();
+            runtime.join();
+            return ExitCode::from(1);
+        }
+    }
+    let scheme = if config.coap.tls.enabled {
+        "coaps+tcp"
+    } else {
+        "coap+tcp"
+    };
+    tracing::info!(
+        address = %runtime.local_addr(),
+        shards = runtime.stats().len(),
+        client_auth = ?config.coap.tls.client_auth,
+        open_files,
+        "listening for devices on {scheme}://{}",
+        runtime.local_addr()
+    );
+    runtime.join();
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+/// SURFACE.md: on first start with the embedded defaults, say where the
+/// development PKI is and how to get a device certificate.
+fn print_first_start(config: &Config, paths: &pki::PkiPaths) {
+    let pki_dir = config.hub.pki_dir();
+    let devices = server::default_device_dir(config);
+    eprintln!(
+        "Created a development PKI (not for production) in {}:",
+        pki_dir.display()
+    );
+    for p in paths.written() {
+        eprintln!("  {}", p.display());
+    }
+    eprintln!(
+        "Create a device certificate with:\n  coap-gateway certs device --ca {} --device-id $(cat /proc/sys/kernel/random/uuid) --out {}\n\
+         and talk to the gateway with libcoap:\n  coap-client-openssl -c {dev}/device.pem -j {dev}/device-key.pem -R {ca} coaps+tcp://127.0.0.1:{port}/x.plgd.dev/time",
+        pki_dir.display(),
+        devices.display(),
+        dev = devices.display(),
+        ca = pki_dir.join("ca.pem").display(),
+        port = config.coap.address.port(),
+    );
+}

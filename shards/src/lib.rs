@@ -1,1 +1,14 @@
-pub fn placeholder() {}
+//! `shards`: the thread-per-core runtime of the gateway.
+//!
+//! It moves bytes: accepts connections on SO_REUSEPORT listeners (one per
+//! shard), drives TLS, hands plaintext to an application [`Connection`] and
+//! sends what it answers, keeps each shard's connections and timers. It
+//! knows nothing of CoAP (ARCHITECTURE.md: `shards` moves bytes, `coap`
+//! frames them, `session` decides).
+
+mod driver;
+mod runtime;
+pub mod system;
+
+pub use driver::{CloseReason, ConnInfo, Connection, Driver, Endpoint, Service};
+pub use runtime::{Runtime, RuntimeConfig, ShardStats, StartError};

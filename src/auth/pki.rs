@@ -21,17 +21,16 @@ use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
-use rcgen::string::{BmpString, Ia5String, PrintableString, TeletexString, UniversalString};
+use rcgen::string::Ia5String;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
-use x509_parser::asn1_rs::Tag;
-use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate, X509Name};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::identity::{device_id_from_common_name, OCF_IDENTITY_OID_ARCS};
 
@@ -564,9 +563,9 @@ impl Ca {
         })
     }
 
-    /// The equivalent of rcgen's `Issuer::from_ca_cert_pem` (which needs
-    /// rcgen's `x509-parser` feature): rebuild the issuer's name and key
-    /// identifier from the parsed CA certificate.
+    /// Builds the CA from PEM. rcgen's [`Issuer::from_ca_cert_der`] rebuilds
+    /// the issuer name and key identifier but checks nothing else, so the
+    /// basicConstraints CA flag and the key's ownership are checked here.
     fn from_pem_named(
         cert_pem: &[u8],
         cert_path: &Path,
@@ -602,21 +601,16 @@ impl Ca {
                 key: key_path.to_owned(),
             });
         }
-        let mut params = CertificateParams::default();
-        params.distinguished_name = distinguished_name_of(parsed.subject()).map_err(bad)?;
-        params.key_identifier_method = parsed
-            .iter_extensions()
-            .find_map(|ext| match ext.parsed_extension() {
-                ParsedExtension::SubjectKeyIdentifier(id) => {
-                    Some(KeyIdMethod::PreSpecified(id.0.to_vec()))
-                }
-                _ => None,
-            })
-            .unwrap_or(KeyIdMethod::Sha256);
         let subject_raw = parsed.subject().as_raw().to_vec();
+        let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|e| {
+            bad(format!(
+                "cannot sign with this CA (its Subject uses a multi-valued RDN or an \
+                 unsupported string type?): {e}"
+            ))
+        })?;
         let cert_pem = String::from_utf8_lossy(cert_pem).into_owned();
         Ok(Ca {
-            issuer: Issuer::new(params, key),
+            issuer,
             cert_der,
             cert_pem,
             subject_raw,
@@ -624,8 +618,9 @@ impl Ca {
         })
     }
 
-    /// Guards the rebuilt issuer name: a certificate whose Issuer differs
-    /// from the CA's Subject would never chain.
+    /// Guards the issuer name rcgen rebuilt: a certificate whose Issuer
+    /// differs from the CA's Subject would never chain (rcgen keeps only the
+    /// last of repeated attributes such as two OUs).
     fn check_issuer_name(&self, der: &CertificateDer<'_>) -> Result<(), PkiError> {
         let (_, parsed) = parse_certificate(der, Path::new(IN_MEMORY))?;
         if parsed.issuer().as_raw() == self.subject_raw.as_slice() {
@@ -664,52 +659,6 @@ fn ca_params(common_name: &str) -> CertificateParams {
 fn new_key(what: &'static str) -> Result<KeyPair, PkiError> {
     KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|source| PkiError::Generate { what, source })
-}
-
-/// Rebuilds an rcgen name from a parsed one, keeping each attribute's string
-/// type so the encoding comes out identical.
-fn distinguished_name_of(name: &X509Name<'_>) -> Result<DistinguishedName, String> {
-    let mut dn = DistinguishedName::new();
-    for rdn in name.iter() {
-        let mut attributes = rdn.iter();
-        let (Some(attribute), None) = (attributes.next(), attributes.next()) else {
-            return Err("the CA Subject has a multi-valued RDN, which cannot be reproduced".into());
-        };
-        let arcs: Vec<u64> = attribute
-            .attr_type()
-            .iter()
-            .ok_or("the CA Subject has an attribute type with an oversized OID arc")?
-            .collect();
-        let value = attribute.attr_value();
-        let text = || {
-            std::str::from_utf8(value.data)
-                .map_err(|_| "the CA Subject has a string that is not valid text".to_owned())
-        };
-        let invalid = |e: rcgen::Error| format!("the CA Subject has an invalid string: {e}");
-        let dn_value = match value.tag() {
-            Tag::Utf8String => DnValue::Utf8String(text()?.to_owned()),
-            Tag::PrintableString => {
-                DnValue::PrintableString(PrintableString::try_from(text()?).map_err(invalid)?)
-            }
-            Tag::Ia5String => DnValue::Ia5String(Ia5String::try_from(text()?).map_err(invalid)?),
-            Tag::TeletexString => {
-                DnValue::TeletexString(TeletexString::try_from(text()?).map_err(invalid)?)
-            }
-            Tag::BmpString => {
-                DnValue::BmpString(BmpString::from_utf16be(value.data.to_vec()).map_err(invalid)?)
-            }
-            Tag::UniversalString => DnValue::UniversalString(
-                UniversalString::from_utf32be(value.data.to_vec()).map_err(invalid)?,
-            ),
-            other => {
-                return Err(format!(
-                    "the CA Subject has an unsupported string type {other}"
-                ))
-            }
-        };
-        dn.push(DnType::from_oid(&arcs), dn_value);
-    }
-    Ok(dn)
 }
 
 fn parse_certificate<'a>(
@@ -854,6 +803,7 @@ lPP4KS3BLAV8YzUscoNRsChH6xq+qajApg==
 mod tests {
     use super::*;
     use crate::auth::identity::LeafFacts;
+    use x509_parser::prelude::ParsedExtension;
 
     #[test]
     fn init_writes_the_four_files() {

@@ -1,0 +1,480 @@
+//! The per-connection byte pump: TLS (rustls's unbuffered API) between the
+//! wire and the application [`Connection`], with no socket and no clock in it.
+//!
+//! Why the unbuffered API: rustls's buffered `ServerConnection` keeps a 4 KiB
+//! read buffer per connection for as long as the connection lives. Here the
+//! shard hands every read in a buffer it owns; a connection keeps bytes only
+//! while a TLS record or an application frame is incomplete (`tls_tail`,
+//! `plain_tail`), so an idle device costs its TLS keys and its session, not
+//! buffers (ARCHITECTURE.md "Memory per connection").
+//!
+//! The same driver serves plain TCP (`tls.enabled = false`) by passing bytes
+//! straight through, and it is what an in-memory transport drives.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rustls::pki_types::CertificateDer;
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use rustls::{CipherSuite, ProtocolVersion, ServerConfig};
+
+/// What the runtime tells the application about a new connection, once the
+/// TLS handshake (if any) has completed.
+#[derive(Debug)]
+pub struct ConnInfo<'a> {
+    pub peer_addr: SocketAddr,
+    pub local_addr: SocketAddr,
+    /// Index of the shard that owns the connection.
+    pub shard: usize,
+    /// The client's certificate chain, leaf first (mutual TLS only).
+    pub peer_certificates: Option<&'a [CertificateDer<'static>]>,
+    pub tls_version: Option<ProtocolVersion>,
+    pub cipher_suite: Option<CipherSuite>,
+}
+
+/// Why a connection ended, as seen by the transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The application asked to close (after its last bytes were sent).
+    Local,
+    /// The peer closed the TCP connection or sent a TLS close_notify.
+    PeerClosed,
+    /// The TLS layer failed (bad record, failed handshake, ...).
+    Tls(String),
+    /// A socket error.
+    Io(String),
+    /// The TLS handshake did not finish within the handshake timeout.
+    HandshakeTimeout,
+    /// The gateway is shutting down.
+    Shutdown,
+}
+
+/// The application side of one connection: a sans-IO state machine fed with
+/// plaintext and asked for plaintext.
+pub trait Connection: 'static {
+    /// Plaintext received from the peer. Returns how many bytes were consumed;
+    /// the runtime keeps the rest (an incomplete frame) and presents it again,
+    /// followed by newer bytes, on the next call.
+    fn on_data(&mut self, now: Instant, data: &[u8]) -> usize;
+    /// Called when the deadline from [`Connection::poll_timeout`] has passed.
+    fn on_timeout(&mut self, now: Instant);
+    /// The gateway is shutting down: queue any goodbye (e.g. CoAP Release)
+    /// and close.
+    fn on_shutdown(&mut self, now: Instant);
+    /// Append plaintext to send. Returns true when something was appended.
+    fn poll_transmit(&mut self, out: &mut Vec<u8>) -> bool;
+    /// The next instant at which `on_timeout` must run.
+    fn poll_timeout(&self) -> Option<Instant>;
+    /// True once the application wants the connection closed (its final
+    /// bytes are sent first).
+    fn is_closed(&self) -> bool;
+    /// The transport is gone; called exactly once, last.
+    fn on_closed(&mut self, now: Instant, reason: &CloseReason);
+}
+
+/// Creates the application side of each connection on one shard.
+pub trait Service: 'static {
+    type Conn: Connection;
+    fn accept(&self, info: &ConnInfo<'_>, now: Instant) -> Self::Conn;
+}
+
+/// Where a connection sits, for [`ConnInfo`].
+#[derive(Debug, Clone, Copy)]
+pub struct Endpoint {
+    pub peer_addr: SocketAddr,
+    pub local_addr: SocketAddr,
+    pub shard: usize,
+}
+
+/// One connection's transport state. Kept small on purpose: buffers are
+/// empty `Vec`s (no heap) whenever nothing is incomplete or pending.
+pub struct Driver<C> {
+    tls: Option<UnbufferedServerConnection>,
+    app: Option<C>,
+    /// Bytes of an incomplete TLS record (TLS mode only).
+    tls_tail: Vec<u8>,
+    /// Bytes of an incomplete application frame.
+    plain_tail: Vec<u8>,
+    /// The peer sent close_notify; we answer with ours and close.
+    peer_closed: bool,
+    closed: Option<CloseReason>,
+}
+
+/// Largest TLS plaintext record (RFC 8446 §5.1); encryption goes in chunks of
+/// this so the output buffer growth is bounded per step.
+const MAX_FRAGMENT: usize = 16 * 1024;
+
+impl<C: Connection> Driver<C> {
+    /// A TLS connection; the application is created when the handshake ends.
+    pub fn tls(config: Arc<ServerConfig>) -> Result<Self, rustls::Error> {
+        Ok(Self {
+            tls: Some(UnbufferedServerConnection::new(config)?),
+            ..Self::plain()
+        })
+    }
+
+    /// A plain TCP connection; call [`Driver::start`] right after accepting.
+    pub fn plain() -> Self {
+        Self {
+            tls: None,
+            app: None,
+            tls_tail: Vec::new(),
+            plain_tail: Vec::new(),
+            peer_closed: false,
+            closed: None,
+        }
+    }
+
+    pub fn is_handshaking(&self) -> bool {
+        self.app.is_none()
+    }
+
+    /// Set once nothing more will be sent; the caller flushes `out` and
+    /// closes the socket.
+    pub fn closed(&self) -> Option<&CloseReason> {
+        self.closed.as_ref()
+    }
+
+    /// The application's next deadline (none while handshaking: the runtime
+    /// keeps the handshake timeout itself).
+    pub fn deadline(&self) -> Option<Instant> {
+        self.app.as_ref().and_then(|app| app.poll_timeout())
+    }
+
+    pub fn app(&self) -> Option<&C> {
+        self.app.as_ref()
+    }
+
+    /// Bytes held for incomplete records/frames (for memory accounting).
+    pub fn buffered_bytes(&self) -> usize {
+        self.tls_tail.capacity() + self.plain_tail.capacity()
+    }
+
+    /// Plain mode: create the application at once so that it can speak
+    /// first (the gateway's CSM, RFC 8323 §5.3).
+    pub fn start<S: Service<Conn = C>>(
+        &mut self,
+        service: &S,
+        at: Endpoint,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) {
+        if self.tls.is_none() && self.app.is_none() && self.closed.is_none() {
+            let info = ConnInfo {
+                peer_addr: at.peer_addr,
+                local_addr: at.local_addr,
+                shard: at.shard,
+                peer_certificates: None,
+                tls_version: None,
+                cipher_suite: None,
+            };
+            self.app = Some(service.accept(&info, now));
+            self.flush_plain(now, out);
+        }
+    }
+
+    /// Bytes arrived from the wire. `data` is a scratch buffer the driver may
+    /// modify in place (TLS decryption). Wire bytes to send are appended to
+    /// `out`.
+    pub fn receive<S: Service<Conn = C>>(
+        &mut self,
+        service: &S,
+        at: Endpoint,
+        now: Instant,
+        data: &mut [u8],
+        out: &mut Vec<u8>,
+    ) {
+        if self.closed.is_some() {
+            return;
+        }
+        if self.tls.is_none() {
+            if let Some(app) = self.app.as_mut() {
+                deliver(app, &mut self.plain_tail, now, data);
+            }
+            self.flush_plain(now, out);
+            return;
+        }
+        if self.tls_tail.is_empty() {
+            let used = self.pump(service, at, now, data, out);
+            if used < data.len() {
+                self.tls_tail.extend_from_slice(&data[used..]);
+            }
+        } else {
+            let mut tail = std::mem::take(&mut self.tls_tail);
+            tail.extend_from_slice(data);
+            let used = self.pump(service, at, now, &mut tail, out);
+            tail.drain(..used);
+            if !tail.is_empty() {
+                self.tls_tail = tail;
+            }
+        }
+    }
+
+    /// The deadline passed: let the application act, then send what it queued.
+    pub fn on_timeout<S: Service<Conn = C>>(
+        &mut self,
+        service: &S,
+        at: Endpoint,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) {
+        if let (Some(app), None) = (self.app.as_mut(), &self.closed) {
+            app.on_timeout(now);
+            self.flush(service, at, now, out);
+        }
+    }
+
+    /// Graceful shutdown: the application says goodbye, then we close.
+    pub fn shutdown<S: Service<Conn = C>>(
+        &mut self,
+        service: &S,
+        at: Endpoint,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) {
+        if self.closed.is_some() {
+            return;
+        }
+        match self.app.as_mut() {
+            Some(app) => {
+                app.on_shutdown(now);
+                self.flush(service, at, now, out);
+                if self.closed.is_none() {
+                    self.close(now, CloseReason::Shutdown, out);
+                }
+            }
+            None => self.close(now, CloseReason::Shutdown, out),
+        }
+    }
+
+    /// Send whatever the application has queued (after a command from
+    /// outside the connection, for example).
+    pub fn flush<S: Service<Conn = C>>(
+        &mut self,
+        service: &S,
+        at: Endpoint,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) {
+        if self.tls.is_some() {
+            self.pump(service, at, now, &mut [], out);
+        } else {
+            self.flush_plain(now, out);
+        }
+    }
+
+    /// The transport is gone (socket error, EOF, handshake timeout): tell the
+    /// application once.
+    pub fn abort(&mut self, now: Instant, reason: CloseReason) {
+        if self.closed.is_none() {
+            if let Some(app) = self.app.as_mut() {
+                app.on_closed(now, &reason);
+            }
+            self.closed = Some(reason);
+        }
+    }
+
+    /// Close from our side: TLS close_notify when possible, then done.
+    fn close(&mut self, now: Instant, reason: CloseReason, out: &mut Vec<u8>) {
+        if let Some(tls) = self.tls.as_mut() {
+            if let Ok(ConnectionState::WriteTraffic(mut w)) = tls.process_tls_records(&mut []).state
+            {
+                let start = out.len();
+                out.resize(start + 64, 0);
+                let n = w.queue_close_notify(&mut out[start..]).unwrap_or(0);
+                out.truncate(start + n);
+            }
+        }
+        self.abort(now, reason);
+    }
+
+    fn flush_plain(&mut self, now: Instant, out: &mut Vec<u8>) {
+        let Some(app) = self.app.as_mut() else { return };
+        while app.poll_transmit(out) {}
+        if app.is_closed() {
+            self.abort(now, CloseReason::Local);
+        }
+    }
+
+    /// Runs rustls over `incoming` until it needs more bytes; returns how
+    /// many bytes of `incoming` were consumed.
+    fn pump<S: Service<Conn = C>>(
+        &mut self,
+        service: &S,
+        at: Endpoint,
+        now: Instant,
+        incoming: &mut [u8],
+        out: &mut Vec<u8>,
+    ) -> usize {
+        let mut used = 0;
+        // Bounded: every iteration either consumes input, emits output, or
+        // breaks; the bound only guards against a library bug spinning us.
+        for _ in 0..10_000 {
+            let Some(tls) = self.tls.as_mut() else { break };
+            let UnbufferedStatus { discard, state } =
+                tls.process_tls_records(&mut incoming[used..]);
+            let mut discard = discard;
+            let state = match state {
+                Ok(state) => state,
+                Err(e) => {
+                    used += discard;
+                    self.fail(now, e, out);
+                    return used;
+                }
+            };
+            match state {
+                ConnectionState::ReadTraffic(mut read) => {
+                    while let Some(record) = read.next_record() {
+                        match record {
+                            Ok(record) => {
+                                discard += record.discard;
+                                if let Some(app) = self.app.as_mut() {
+                                    deliver(app, &mut self.plain_tail, now, record.payload);
+                                }
+                            }
+                            Err(e) => {
+                                used += discard;
+                                self.fail(now, e, out);
+                                return used;
+                            }
+                        }
+                    }
+                }
+                ConnectionState::EncodeTlsData(mut encode) => {
+                    let start = out.len();
+                    out.resize(start + 4096, 0);
+                    let n = match encode.encode(&mut out[start..]) {
+                        Ok(n) => n,
+                        Err(EncodeError::InsufficientSize(need)) => {
+                            out.resize(start + need.required_size, 0);
+                            encode.encode(&mut out[start..]).unwrap_or(0)
+                        }
+                        Err(_) => 0,
+                    };
+                    out.truncate(start + n);
+                }
+                ConnectionState::TransmitTlsData(transmit) => {
+                    // `out` is ours and is sent by the caller after this
+                    // returns, so the records count as transmitted now.
+                    transmit.done();
+                }
+                ConnectionState::BlockedHandshake => {
+                    used += discard;
+                    break;
+                }
+                ConnectionState::PeerClosed => {
+                    self.peer_closed = true;
+                }
+                ConnectionState::Closed => {
+                    used += discard;
+                    self.abort(now, CloseReason::PeerClosed);
+                    break;
+                }
+                ConnectionState::WriteTraffic(mut write) => {
+                    used += discard;
+                    if self.app.is_none() {
+                        // Handshake complete: the application starts here so
+                        // that the client certificate is known (spec §3.3).
+                        let info = ConnInfo {
+                            peer_addr: at.peer_addr,
+                            local_addr: at.local_addr,
+                            shard: at.shard,
+                            peer_certificates: tls.peer_certificates(),
+                            tls_version: tls.protocol_version(),
+                            cipher_suite: tls.negotiated_cipher_suite().map(|s| s.suite()),
+                        };
+                        self.app = Some(service.accept(&info, now));
+                        // Deliver plaintext that arrived with the handshake's
+                        // last flight on the next iteration.
+                        continue;
+                    }
+                    let Some(app) = self.app.as_mut() else { break };
+                    let mut plain = Vec::new();
+                    while app.poll_transmit(&mut plain) {}
+                    for chunk in plain.chunks(MAX_FRAGMENT) {
+                        encrypt_into(&mut write, chunk, out);
+                    }
+                    if app.is_closed() || self.peer_closed {
+                        let start = out.len();
+                        out.resize(start + 64, 0);
+                        let n = write.queue_close_notify(&mut out[start..]).unwrap_or(0);
+                        out.truncate(start + n);
+                        let reason = if self.peer_closed {
+                            CloseReason::PeerClosed
+                        } else {
+                            CloseReason::Local
+                        };
+                        self.abort(now, reason);
+                    }
+                    break;
+                }
+                _ => {
+                    // Early data is not enabled; any other future state is
+                    // unexpected: close rather than guess.
+                    used += discard;
+                    self.abort(now, CloseReason::Tls("unexpected TLS state".into()));
+                    break;
+                }
+            }
+            used += discard;
+        }
+        used
+    }
+
+    /// A TLS error: rustls queued an alert for the peer; send it and close.
+    fn fail(&mut self, now: Instant, error: rustls::Error, out: &mut Vec<u8>) {
+        if let Some(tls) = self.tls.as_mut() {
+            if let Ok(ConnectionState::EncodeTlsData(mut encode)) =
+                tls.process_tls_records(&mut []).state
+            {
+                let start = out.len();
+                out.resize(start + 256, 0);
+                let n = encode.encode(&mut out[start..]).unwrap_or(0);
+                out.truncate(start + n);
+            }
+        }
+        self.abort(now, CloseReason::Tls(error.to_string()));
+    }
+}
+
+fn encrypt_into<D>(
+    write: &mut rustls::unbuffered::WriteTraffic<'_, D>,
+    chunk: &[u8],
+    out: &mut Vec<u8>,
+) {
+    let start = out.len();
+    // Record overhead is at most a few dozen bytes (header, tag, padding).
+    out.resize(start + chunk.len() + 64, 0);
+    let n = match write.encrypt(chunk, &mut out[start..]) {
+        Ok(n) => n,
+        Err(EncryptError::InsufficientSize(need)) => {
+            out.resize(start + need.required_size, 0);
+            write.encrypt(chunk, &mut out[start..]).unwrap_or(0)
+        }
+        Err(_) => 0,
+    };
+    out.truncate(start + n);
+}
+
+/// Hands plaintext to the application, keeping only an incomplete frame.
+fn deliver<C: Connection>(app: &mut C, plain_tail: &mut Vec<u8>, now: Instant, data: &[u8]) {
+    if app.is_closed() {
+        return;
+    }
+    if plain_tail.is_empty() {
+        let n = app.on_data(now, data).min(data.len());
+        if n < data.len() && !app.is_closed() {
+            plain_tail.extend_from_slice(&data[n..]);
+        }
+    } else {
+        plain_tail.extend_from_slice(data);
+        let n = app.on_data(now, plain_tail).min(plain_tail.len());
+        plain_tail.drain(..n);
+        if plain_tail.is_empty() || app.is_closed() {
+            // Give the memory back: an idle connection holds no buffer.
+            *plain_tail = Vec::new();
+        }
+    }
+}

@@ -1,0 +1,691 @@
+//! The thread-per-core runtime: one glommio executor per shard, pinned to a
+//! core, each with its own SO_REUSEPORT listener and its own table of
+//! connections. Nothing on the data path is shared between shards.
+//!
+//! A connection's state lives in the shard's slab; its task is a tiny future
+//! holding the slab key, so an idle connection costs its [`Driver`] state
+//! plus a socket, and no buffer (reads go into one shard-owned buffer:
+//! glommio's plain `TcpStream` waits for readiness and receives into
+//! whatever buffer `poll_read` is handed at wake-up).
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use futures_lite::io::{AsyncRead, AsyncWrite};
+use glommio::net::{TcpListener, TcpStream};
+use glommio::{LocalExecutorBuilder, Placement};
+use rustls::ServerConfig;
+use slab::Slab;
+
+use crate::driver::{CloseReason, Driver, Endpoint, Service};
+use crate::system;
+
+/// Runtime settings (the transport part of the gateway's `[coap]` config).
+#[derive(Clone)]
+pub struct RuntimeConfig {
+    pub address: SocketAddr,
+    /// Number of shards; 0 = one per online CPU.
+    pub shards: usize,
+    /// 0 = unlimited.
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    /// None serves plain TCP.
+    pub tls: Option<Arc<ServerConfig>>,
+    /// How long a graceful shutdown waits for connections to drain.
+    pub drain_timeout: Duration,
+    /// Granularity of the per-shard timer wheel.
+    pub tick: Duration,
+}
+
+impl RuntimeConfig {
+    pub fn new(address: SocketAddr, tls: Option<Arc<ServerConfig>>) -> Self {
+        Self {
+            address,
+            shards: 0,
+            max_connections: 0,
+            handshake_timeout: Duration::from_secs(10),
+            tls,
+            drain_timeout: Duration::from_secs(5),
+            tick: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Errors that stop the runtime from starting.
+#[derive(Debug)]
+pub enum StartError {
+    /// Another process already listens on the address.
+    AddressInUse(SocketAddr),
+    Bind(SocketAddr, io::Error),
+    /// io_uring or locked memory is not available for the executors.
+    Executor(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::AddressInUse(a) => write!(
+                f,
+                "address {a} is already in use by another process (is another gateway running?)"
+            ),
+            StartError::Bind(a, e) => write!(f, "cannot listen on {a}: {e}"),
+            StartError::Executor(m) => write!(f, "cannot start shard executors: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// Counters of one shard, readable from any thread.
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    pub accepted: AtomicU64,
+    pub active: AtomicUsize,
+    pub handshakes: AtomicU64,
+    pub handshake_failures: AtomicU64,
+    pub rejected_max_connections: AtomicU64,
+    pub closed: AtomicU64,
+}
+
+/// A running set of shards.
+pub struct Runtime {
+    local_addr: SocketAddr,
+    stats: Vec<Arc<ShardStats>>,
+    shutdown: Arc<AtomicBool>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Runtime {
+    /// Binds the listeners and starts the shards. `make_service(shard)` runs
+    /// on each shard's thread and builds that shard's [`Service`].
+    pub fn start<S, F>(config: RuntimeConfig, make_service: F) -> Result<Runtime, StartError>
+    where
+        S: Service,
+        F: Fn(usize) -> S + Send + Sync + 'static,
+    {
+        system::raise_memlock_limit();
+        let shards = if config.shards == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            config.shards
+        };
+        let (sockets, local_addr) = bind_listeners(config.address, shards)?;
+        let stats: Vec<Arc<ShardStats>> = (0..shards)
+            .map(|_| Arc::new(ShardStats::default()))
+            .collect();
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let total = Arc::new(AtomicUsize::new(0));
+        let make_service = Arc::new(make_service);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+        let mut handles = Vec::with_capacity(shards);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        for (index, socket) in sockets.into_iter().enumerate() {
+            let shared = SharedState {
+                config: config.clone(),
+                stats: stats[index].clone(),
+                shutdown: shutdown.clone(),
+                total: total.clone(),
+            };
+            let make_service = make_service.clone();
+            let ready = ready_tx.clone();
+            let builder = LocalExecutorBuilder::new(Placement::Fixed(index % cpus))
+                .name(&format!("shard-{index}"))
+                // Socket reads go into our own buffers; this memory only
+                // serves file IO, and pinning less keeps us under memlock
+                // limits (FIELD-NOTES.md "glommio and memlock").
+                .io_memory(64 << 10);
+            let spawned = builder.spawn(move || async move {
+                let _ = ready.send(Ok(()));
+                let service = make_service(index);
+                run_shard(index, socket, service, shared).await;
+            });
+            match spawned {
+                Ok(handle) => handles.push(std::thread::spawn(move || {
+                    if let Err(e) = handle.join() {
+                        tracing::error!(shard = index, error = %e, "shard executor failed");
+                    }
+                })),
+                Err(e) => {
+                    shutdown.store(true, Ordering::SeqCst);
+                    return Err(StartError::Executor(format!(
+                        "{e} (glommio needs io_uring and at least 512 KiB of locked memory per shard; \
+                         check `ulimit -l` and that io_uring is not disabled)"
+                    )));
+                }
+            }
+        }
+        drop(ready_tx);
+        for _ in 0..shards {
+            match ready_rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(StartError::Executor(e)),
+                Err(_) => {
+                    shutdown.store(true, Ordering::SeqCst);
+                    return Err(StartError::Executor(
+                        "a shard executor did not start (io_uring or memlock unavailable?)".into(),
+                    ));
+                }
+            }
+        }
+        Ok(Runtime {
+            local_addr,
+            stats,
+            shutdown,
+            handles,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn stats(&self) -> &[Arc<ShardStats>] {
+        &self.stats
+    }
+
+    /// A flag that starts a graceful shutdown when set (e.g. by a signal
+    /// handler).
+    pub fn shutdown_flag(&self) -> Arc<AtomicBool> {
+        self.shutdown.clone()
+    }
+
+    /// Starts a graceful shutdown: stop accepting, let every connection say
+    /// goodbye, drain, stop.
+    pub fn shutdown(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until every shard has stopped.
+    pub fn join(self) {
+        for handle in self.handles {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Creates one listening socket per shard on the same address. A plain bind
+/// (no SO_REUSEPORT) first tells whether another process holds the port:
+/// with SO_REUSEPORT alone a second gateway would silently take half the
+/// traffic (FIELD-NOTES.md, glommio).
+fn bind_listeners(
+    address: SocketAddr,
+    shards: usize,
+) -> Result<(Vec<socket2::Socket>, SocketAddr), StartError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let domain = if address.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
+    let new_socket = |addr: SocketAddr, reuse_port: bool| -> io::Result<Socket> {
+        let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        if reuse_port {
+            socket.set_reuse_port(true)?;
+        }
+        if addr.is_ipv6() {
+            socket.set_only_v6(false).ok();
+        }
+        socket.bind(&addr.into())?;
+        Ok(socket)
+    };
+    let map_err = |addr: SocketAddr, e: io::Error| {
+        if e.kind() == io::ErrorKind::AddrInUse {
+            StartError::AddressInUse(addr)
+        } else {
+            StartError::Bind(addr, e)
+        }
+    };
+    let mut address = address;
+    if address.port() != 0 {
+        // Probe: fails with EADDRINUSE when anyone listens there already.
+        let probe = new_socket(address, false).map_err(|e| map_err(address, e))?;
+        probe.listen(1).map_err(|e| map_err(address, e))?;
+        drop(probe);
+    }
+    let mut sockets = Vec::with_capacity(shards);
+    for _ in 0..shards {
+        let socket = new_socket(address, true).map_err(|e| map_err(address, e))?;
+        socket.listen(4096).map_err(|e| map_err(address, e))?;
+        if address.port() == 0 {
+            // Port 0: the first socket picks the port, the others join it.
+            if let Some(bound) = socket.local_addr().ok().and_then(|a| a.as_socket()) {
+                address = bound;
+            }
+        }
+        sockets.push(socket);
+    }
+    Ok((sockets, address))
+}
+
+struct SharedState {
+    config: RuntimeConfig,
+    stats: Arc<ShardStats>,
+    shutdown: Arc<AtomicBool>,
+    /// Connections over all shards, for `max_connections`.
+    total: Arc<AtomicUsize>,
+}
+
+/// One connection in the shard's table.
+struct Slot<C> {
+    stream: TcpStream,
+    driver: Driver<C>,
+    endpoint: Endpoint,
+    /// TLS bytes the socket has not accepted yet.
+    pending_tx: Vec<u8>,
+    /// The deadline registered in the shard's timer set.
+    registered: Option<Instant>,
+    handshake_deadline: Option<Instant>,
+    /// Set when a closed connection still has bytes to send.
+    linger_deadline: Option<Instant>,
+    timer_fired: bool,
+    shutdown_seen: bool,
+    waker: Option<Waker>,
+}
+
+struct Shard<S: Service> {
+    index: usize,
+    service: S,
+    shared: SharedState,
+    slots: RefCell<Slab<Box<Slot<S::Conn>>>>,
+    timers: RefCell<BTreeSet<(Instant, usize)>>,
+    draining: Cell<bool>,
+    /// One read buffer for every connection of the shard.
+    rx: RefCell<Vec<u8>>,
+    /// Scratch for TLS output before it is written to a socket.
+    tx: RefCell<Vec<u8>>,
+}
+
+const RX_BUFFER: usize = 64 * 1024;
+/// How long a closing connection may take to accept its last bytes.
+const LINGER: Duration = Duration::from_secs(2);
+/// Reads per wake-up before the task yields to others (fairness).
+const READ_BUDGET: usize = 16;
+
+async fn run_shard<S: Service>(
+    index: usize,
+    socket: socket2::Socket,
+    service: S,
+    shared: SharedState,
+) {
+    // SAFETY: the fd comes from a socket we own and just bound/listened;
+    // ownership moves into the glommio listener.
+    let listener = unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) };
+    let tick = shared.config.tick;
+    let shard = Rc::new(Shard {
+        index,
+        service,
+        shared,
+        slots: RefCell::new(Slab::new()),
+        timers: RefCell::new(BTreeSet::new()),
+        draining: Cell::new(false),
+        rx: RefCell::new(vec![0; RX_BUFFER]),
+        tx: RefCell::new(Vec::new()),
+    });
+
+    let acceptor = glommio::spawn_local(accept_loop(shard.clone(), listener)).detach();
+
+    // The timer wheel: one tick task per shard fires expired deadlines and
+    // watches for the shutdown flag.
+    let mut drain_started: Option<Instant> = None;
+    loop {
+        glommio::timer::sleep(tick).await;
+        let now = Instant::now();
+        fire_timers(&shard, now);
+        if drain_started.is_none() && shard.shared.shutdown.load(Ordering::SeqCst) {
+            drain_started = Some(now);
+            acceptor.cancel();
+            shard.draining.set(true);
+            let slots = shard.slots.borrow();
+            for (_, slot) in slots.iter() {
+                if let Some(w) = slot.waker.as_ref() {
+                    w.wake_by_ref();
+                }
+            }
+        }
+        if let Some(started) = drain_started {
+            let empty = shard.slots.borrow().is_empty();
+            if empty || now.duration_since(started) >= shard.shared.config.drain_timeout {
+                break;
+            }
+        }
+    }
+    tracing::debug!(shard = index, "shard stopped");
+}
+
+fn fire_timers<S: Service>(shard: &Shard<S>, now: Instant) {
+    let mut expired = Vec::new();
+    {
+        let mut timers = shard.timers.borrow_mut();
+        while let Some(&(at, key)) = timers.first() {
+            if at > now {
+                break;
+            }
+            timers.pop_first();
+            expired.push(key);
+        }
+    }
+    let mut slots = shard.slots.borrow_mut();
+    for key in expired {
+        if let Some(slot) = slots.get_mut(key) {
+            slot.registered = None;
+            slot.timer_fired = true;
+            if let Some(w) = slot.waker.as_ref() {
+                w.wake_by_ref();
+            }
+        }
+    }
+}
+
+async fn accept_loop<S: Service>(shard: Rc<Shard<S>>, listener: TcpListener) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok(stream) => stream,
+            Err(e) => {
+                // EMFILE and friends: back off briefly rather than spin.
+                tracing::warn!(shard = shard.index, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared = &shard.shared;
+        shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let max = shared.config.max_connections;
+        let total = shared.total.fetch_add(1, Ordering::SeqCst) + 1;
+        if max != 0 && total > max {
+            shared.total.fetch_sub(1, Ordering::SeqCst);
+            shared
+                .stats
+                .rejected_max_connections
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                shard = shard.index,
+                max,
+                "max_connections reached, refusing"
+            );
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        let (peer_addr, local_addr) = match (stream.peer_addr(), stream.local_addr()) {
+            (Ok(p), Ok(l)) => (p, l),
+            _ => {
+                shared.total.fetch_sub(1, Ordering::SeqCst);
+                continue;
+            }
+        };
+        let driver = match &shared.config.tls {
+            Some(config) => match Driver::tls(config.clone()) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot create TLS connection");
+                    shared.total.fetch_sub(1, Ordering::SeqCst);
+                    continue;
+                }
+            },
+            None => Driver::plain(),
+        };
+        let now = Instant::now();
+        let endpoint = Endpoint {
+            peer_addr,
+            local_addr,
+            shard: shard.index,
+        };
+        let handshake_deadline = shared
+            .config
+            .tls
+            .as_ref()
+            .map(|_| now + shared.config.handshake_timeout);
+        let key = shard.slots.borrow_mut().insert(Box::new(Slot {
+            stream,
+            driver,
+            endpoint,
+            pending_tx: Vec::new(),
+            registered: None,
+            handshake_deadline,
+            linger_deadline: None,
+            timer_fired: false,
+            shutdown_seen: false,
+            waker: None,
+        }));
+        shared.stats.active.fetch_add(1, Ordering::Relaxed);
+        glommio::spawn_local(ConnTask {
+            shard: shard.clone(),
+            key,
+            started: false,
+        })
+        .detach();
+    }
+}
+
+/// The task of one connection: just the slab key; all state is in the slot.
+struct ConnTask<S: Service> {
+    shard: Rc<Shard<S>>,
+    key: usize,
+    started: bool,
+}
+
+impl<S: Service> Future for ConnTask<S> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let shard = &*this.shard;
+        let now = Instant::now();
+        let mut slots = shard.slots.borrow_mut();
+        let Some(slot) = slots.get_mut(this.key) else {
+            return Poll::Ready(());
+        };
+        let mut tx = shard.tx.borrow_mut();
+        tx.clear();
+
+        if !this.started {
+            this.started = true;
+            slot.driver
+                .start(&shard.service, slot.endpoint, now, &mut tx);
+        }
+
+        // Reads, into the shard's buffer.
+        let mut rx = shard.rx.borrow_mut();
+        let mut eof = false;
+        for _ in 0..READ_BUDGET {
+            if slot.driver.closed().is_some() {
+                break;
+            }
+            match Pin::new(&mut slot.stream).poll_read(cx, &mut rx[..]) {
+                Poll::Ready(Ok(0)) => {
+                    eof = true;
+                    break;
+                }
+                Poll::Ready(Ok(n)) => {
+                    let was_handshaking = slot.driver.is_handshaking();
+                    slot.driver
+                        .receive(&shard.service, slot.endpoint, now, &mut rx[..n], &mut tx);
+                    if was_handshaking && !slot.driver.is_handshaking() {
+                        slot.handshake_deadline = None;
+                        shard
+                            .shared
+                            .stats
+                            .handshakes
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    // No break on a short read: glommio arms a readiness
+                    // poll after one but registers our waker only on the
+                    // next poll_read, which then answers Pending cheaply.
+                }
+                Poll::Ready(Err(e)) => {
+                    slot.driver.abort(now, CloseReason::Io(e.to_string()));
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        drop(rx);
+        if eof {
+            slot.driver.abort(now, CloseReason::PeerClosed);
+        }
+
+        // Timers.
+        if slot.timer_fired {
+            slot.timer_fired = false;
+            if let Some(hd) = slot.handshake_deadline {
+                if now >= hd && slot.driver.is_handshaking() {
+                    shard
+                        .shared
+                        .stats
+                        .handshake_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    slot.driver.abort(now, CloseReason::HandshakeTimeout);
+                }
+            }
+            if slot.driver.deadline().is_some_and(|d| now >= d) {
+                slot.driver
+                    .on_timeout(&shard.service, slot.endpoint, now, &mut tx);
+            }
+        }
+
+        // Graceful shutdown.
+        if shard.draining.get() && !slot.shutdown_seen {
+            slot.shutdown_seen = true;
+            slot.driver
+                .shutdown(&shard.service, slot.endpoint, now, &mut tx);
+        }
+
+        // Writes.
+        if !tx.is_empty() {
+            if slot.pending_tx.is_empty() {
+                let written = write_some(&mut slot.stream, cx, &tx);
+                match written {
+                    Ok(n) if n < tx.len() => slot.pending_tx.extend_from_slice(&tx[n..]),
+                    Ok(_) => {}
+                    Err(e) => slot.driver.abort(now, CloseReason::Io(e.to_string())),
+                }
+            } else {
+                slot.pending_tx.extend_from_slice(&tx);
+            }
+        }
+        if !slot.pending_tx.is_empty() {
+            match write_some(&mut slot.stream, cx, &slot.pending_tx) {
+                Ok(n) => {
+                    slot.pending_tx.drain(..n);
+                    if slot.pending_tx.is_empty() {
+                        slot.pending_tx = Vec::new();
+                    }
+                }
+                Err(e) => {
+                    slot.pending_tx = Vec::new();
+                    slot.driver.abort(now, CloseReason::Io(e.to_string()));
+                }
+            }
+        }
+        drop(tx);
+
+        // Done? Close once the last bytes are out, the socket failed, or the
+        // peer would not take our last bytes within the linger time.
+        let finished = match slot.driver.closed() {
+            Some(CloseReason::Io(_)) | Some(CloseReason::PeerClosed) => true,
+            Some(_) if slot.pending_tx.is_empty() => true,
+            Some(_) => {
+                let linger = *slot.linger_deadline.get_or_insert(now + LINGER);
+                now >= linger
+            }
+            None => false,
+        };
+        if finished {
+            if let Some(reason) = slot.driver.closed() {
+                if matches!(reason, CloseReason::Tls(_)) && slot.handshake_deadline.is_some() {
+                    shard
+                        .shared
+                        .stats
+                        .handshake_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if let Some(at) = slot.registered.take() {
+                shard.timers.borrow_mut().remove(&(at, this.key));
+            }
+            let removed = slots.remove(this.key);
+            drop(slots);
+            // Orderly close: shutdown(Write) sends FIN after the queued bytes.
+            let fd_stream = removed.stream;
+            let _ = fd_stream_shutdown(&fd_stream);
+            drop(fd_stream);
+            shard.shared.total.fetch_sub(1, Ordering::SeqCst);
+            shard.shared.stats.active.fetch_sub(1, Ordering::Relaxed);
+            shard.shared.stats.closed.fetch_add(1, Ordering::Relaxed);
+            return Poll::Ready(());
+        }
+
+        // Next deadline into the shard's timer set.
+        let deadline = [
+            slot.handshake_deadline,
+            slot.driver.deadline(),
+            slot.linger_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        if deadline != slot.registered {
+            let mut timers = shard.timers.borrow_mut();
+            if let Some(old) = slot.registered.take() {
+                timers.remove(&(old, this.key));
+            }
+            if let Some(at) = deadline {
+                if at <= now {
+                    // Already due: run again right away.
+                    slot.timer_fired = true;
+                    cx.waker().wake_by_ref();
+                } else {
+                    timers.insert((at, this.key));
+                    slot.registered = Some(at);
+                }
+            }
+        }
+        match &slot.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => slot.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+fn write_some(stream: &mut TcpStream, cx: &mut Context<'_>, mut buf: &[u8]) -> io::Result<usize> {
+    let mut written = 0;
+    while !buf.is_empty() {
+        match Pin::new(&mut *stream).poll_write(cx, buf) {
+            Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(n)) => {
+                written += n;
+                buf = &buf[n..];
+            }
+            Poll::Ready(Err(e)) => return Err(e),
+            // glommio armed a writability poll with our waker.
+            Poll::Pending => break,
+        }
+    }
+    Ok(written)
+}
+
+fn fd_stream_shutdown(stream: &TcpStream) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    // SAFETY: `fd` is a valid open socket owned by `stream`, which outlives
+    // this call; shutdown(2) does not take ownership.
+    let rc = unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
