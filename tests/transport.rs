@@ -82,7 +82,10 @@ fn item_04_keepalive_pings_and_closes_a_silent_device() {
     let codes: Vec<Code> = msgs.iter().map(|m| m.code).collect();
     assert_eq!(codes, vec![Code::CSM, Code::PING], "{msgs:?}");
     // Ping after 1 s of silence, close by ~1.8 s (+ one 50 ms timer tick).
-    assert!(took >= Duration::from_millis(1500), "closed too early: {took:?}");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "closed too early: {took:?}"
+    );
     assert!(took < Duration::from_secs(3), "closed too late: {took:?}");
 }
 
@@ -124,7 +127,10 @@ fn item_05_oversized_frame_aborts_that_connection_only() {
     assert_eq!(msgs.len(), 1, "{msgs:?}");
     assert_eq!(msgs[0].code, Code::ABORT);
     let reason = String::from_utf8_lossy(&msgs[0].payload).to_string();
-    assert!(reason.contains("2000") && reason.contains("1024"), "{reason}");
+    assert!(
+        reason.contains("2000") && reason.contains("1024"),
+        "{reason}"
+    );
     assert_time_answer(&mut bystander, b"still");
 }
 
@@ -200,7 +206,10 @@ fn handshake_timeout_closes_a_connection_that_never_speaks_tls() {
     let failures: u64 = gw
         .stats()
         .iter()
-        .map(|s| s.handshake_failures.load(std::sync::atomic::Ordering::Relaxed))
+        .map(|s| {
+            s.handshake_failures
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
         .sum();
     assert_eq!(failures, 1);
 }
@@ -226,7 +235,10 @@ fn max_connections_refuses_the_connection_over_the_limit() {
                 break;
             }
         }
-        assert!(started.elapsed() < Duration::from_secs(5), "slot never freed");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "slot never freed"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -240,7 +252,10 @@ fn graceful_shutdown_sends_release() {
     let rt = gw.runtime.take().unwrap();
     rt.shutdown();
     let (msgs, _) = dev.recv_until_closed(Duration::from_secs(5));
-    assert_eq!(msgs.iter().map(|m| m.code).collect::<Vec<_>>(), vec![Code::RELEASE]);
+    assert_eq!(
+        msgs.iter().map(|m| m.code).collect::<Vec<_>>(),
+        vec![Code::RELEASE]
+    );
     rt.join();
 }
 
