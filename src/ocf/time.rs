@@ -48,7 +48,8 @@ mod tests {
         let text = "2025-11-24T16:00:00.123456789Z";
         let mut expected = vec![0xa1, 0x64];
         expected.extend_from_slice(b"time");
-        expected.push(0x60 + text.len() as u8);
+        // 30 bytes of text: major type 3 with a one-byte length (0x78).
+        expected.extend_from_slice(&[0x78, text.len() as u8]);
         expected.extend_from_slice(text.as_bytes());
         assert_eq!(out, expected);
     }
