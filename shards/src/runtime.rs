@@ -150,9 +150,13 @@ impl Runtime {
                 let service = make_service(index);
                 run_shard(index, socket, service, shared).await;
             });
+            let failed = ready_tx.clone();
             match spawned {
                 Ok(handle) => handles.push(std::thread::spawn(move || {
                     if let Err(e) = handle.join() {
+                        // Reaches `start` when the executor could not even be
+                        // built (memlock, io_uring), else it is only logged.
+                        let _ = failed.send(Err(format!("shard {index}: {e}")));
                         tracing::error!(shard = index, error = %e, "shard executor failed");
                     }
                 })),
@@ -169,7 +173,13 @@ impl Runtime {
         for _ in 0..shards {
             match ready_rx.recv_timeout(Duration::from_secs(10)) {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(StartError::Executor(e)),
+                Ok(Err(e)) => {
+                    shutdown.store(true, Ordering::SeqCst);
+                    return Err(StartError::Executor(format!(
+                        "{e} (glommio needs io_uring and at least 512 KiB of locked memory per \
+                         shard; check `ulimit -l` and that io_uring is not disabled)"
+                    )));
+                }
                 Err(_) => {
                     shutdown.store(true, Ordering::SeqCst);
                     return Err(StartError::Executor(
