@@ -478,3 +478,242 @@ fn deliver<C: Connection>(app: &mut C, plain_tail: &mut Vec<u8>, now: Instant, d
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The driver against a rustls client in memory: no sockets, no executor.
+
+    use super::*;
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use std::io::{Read, Write};
+
+    /// Greets on start, then echoes whole lines ('\n'-terminated) upper-cased;
+    /// "bye\n" closes.
+    struct LineEcho {
+        out: Vec<u8>,
+        closed: bool,
+        seen_closed: Option<CloseReason>,
+    }
+
+    impl Connection for LineEcho {
+        fn on_data(&mut self, _now: Instant, data: &[u8]) -> usize {
+            let mut used = 0;
+            while let Some(pos) = data[used..].iter().position(|b| *b == b'\n') {
+                let line = &data[used..used + pos + 1];
+                if line == b"bye\n" {
+                    self.closed = true;
+                }
+                self.out.extend(line.iter().map(u8::to_ascii_uppercase));
+                used += pos + 1;
+            }
+            used
+        }
+        fn on_timeout(&mut self, _now: Instant) {}
+        fn on_shutdown(&mut self, _now: Instant) {
+            self.out.extend_from_slice(b"shutdown\n");
+            self.closed = true;
+        }
+        fn poll_transmit(&mut self, out: &mut Vec<u8>) -> bool {
+            if self.out.is_empty() {
+                return false;
+            }
+            out.append(&mut self.out);
+            true
+        }
+        fn poll_timeout(&self) -> Option<Instant> {
+            None
+        }
+        fn is_closed(&self) -> bool {
+            self.closed
+        }
+        fn on_closed(&mut self, _now: Instant, reason: &CloseReason) {
+            self.seen_closed = Some(reason.clone());
+        }
+    }
+
+    struct Greeter;
+    impl Service for Greeter {
+        type Conn = LineEcho;
+        fn accept(&self, info: &ConnInfo<'_>, _now: Instant) -> LineEcho {
+            assert!(info.tls_version.is_some());
+            LineEcho {
+                out: b"hello\n".to_vec(),
+                closed: false,
+                seen_closed: None,
+            }
+        }
+    }
+
+    fn configs() -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.cert.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    fn endpoint() -> Endpoint {
+        Endpoint {
+            peer_addr: "127.0.0.1:1".parse().unwrap(),
+            local_addr: "127.0.0.1:2".parse().unwrap(),
+            shard: 0,
+        }
+    }
+
+    struct Pair {
+        driver: Driver<LineEcho>,
+        client: rustls::ClientConnection,
+        now: Instant,
+    }
+
+    impl Pair {
+        fn new() -> Pair {
+            let (server, client) = configs();
+            let client =
+                rustls::ClientConnection::new(client, ServerName::try_from("localhost").unwrap())
+                    .unwrap();
+            Pair {
+                driver: Driver::tls(server).unwrap(),
+                client,
+                now: Instant::now(),
+            }
+        }
+
+        /// Moves bytes both ways until quiet; `chunk` limits each write to
+        /// the driver (to split records).
+        fn pump(&mut self, chunk: usize) {
+            for _ in 0..100 {
+                let mut wire = Vec::new();
+                while self.client.wants_write() {
+                    self.client.write_tls(&mut wire).unwrap();
+                }
+                let mut out = Vec::new();
+                for piece in wire.chunks(chunk.max(1)) {
+                    let mut scratch = piece.to_vec();
+                    self.driver
+                        .receive(&Greeter, endpoint(), self.now, &mut scratch, &mut out);
+                }
+                if wire.is_empty() {
+                    self.driver.flush(&Greeter, endpoint(), self.now, &mut out);
+                }
+                if out.is_empty() && wire.is_empty() {
+                    return;
+                }
+                let mut rd = &out[..];
+                while !rd.is_empty() {
+                    self.client.read_tls(&mut rd).unwrap();
+                    self.client.process_new_packets().unwrap();
+                }
+            }
+            panic!("no quiescence");
+        }
+
+        fn read_plain(&mut self) -> Vec<u8> {
+            let mut buf = Vec::new();
+            let _ = self.client.reader().read_to_end(&mut buf);
+            buf
+        }
+    }
+
+    #[test]
+    fn handshake_then_greeting_then_echo_with_records_split_byte_by_byte() {
+        let mut p = Pair::new();
+        p.pump(usize::MAX);
+        assert!(!p.driver.is_handshaking());
+        assert_eq!(p.read_plain(), b"hello\n");
+        p.client.writer().write_all(b"one\ntw").unwrap();
+        p.pump(1);
+        assert_eq!(p.read_plain(), b"ONE\n");
+        assert!(p.driver.buffered_bytes() > 0, "incomplete line kept");
+        p.client.writer().write_all(b"o\n").unwrap();
+        p.pump(3);
+        assert_eq!(p.read_plain(), b"TWO\n");
+        assert_eq!(
+            p.driver.buffered_bytes(),
+            0,
+            "an idle connection keeps no buffer"
+        );
+    }
+
+    #[test]
+    fn application_close_sends_its_last_bytes_and_close_notify() {
+        let mut p = Pair::new();
+        p.pump(usize::MAX);
+        p.read_plain();
+        p.client.writer().write_all(b"bye\n").unwrap();
+        p.pump(usize::MAX);
+        assert_eq!(p.read_plain(), b"BYE\n");
+        assert_eq!(p.driver.closed(), Some(&CloseReason::Local));
+        assert!(p.client.process_new_packets().unwrap().peer_has_closed());
+    }
+
+    #[test]
+    fn shutdown_lets_the_application_say_goodbye() {
+        let mut p = Pair::new();
+        p.pump(usize::MAX);
+        p.read_plain();
+        let mut out = Vec::new();
+        p.driver.shutdown(&Greeter, endpoint(), p.now, &mut out);
+        let mut rd = &out[..];
+        while !rd.is_empty() {
+            p.client.read_tls(&mut rd).unwrap();
+        }
+        p.client.process_new_packets().unwrap();
+        assert_eq!(p.read_plain(), b"shutdown\n");
+        assert!(p.driver.closed().is_some());
+    }
+
+    #[test]
+    fn garbage_instead_of_a_client_hello_fails_the_connection() {
+        let (server, _) = configs();
+        let mut d: Driver<LineEcho> = Driver::tls(server).unwrap();
+        let mut out = Vec::new();
+        let mut junk = b"GET / HTTP/1.1\r\n\r\n".to_vec();
+        d.receive(&Greeter, endpoint(), Instant::now(), &mut junk, &mut out);
+        assert!(matches!(d.closed(), Some(CloseReason::Tls(_))));
+    }
+
+    #[test]
+    fn plain_mode_passes_bytes_through() {
+        let mut d: Driver<LineEcho> = Driver::plain();
+        let mut out = Vec::new();
+        let now = Instant::now();
+        d.start(&Greeter2, endpoint(), now, &mut out);
+        assert_eq!(out, b"hello\n");
+        out.clear();
+        d.receive(&Greeter2, endpoint(), now, &mut b"ab".to_vec(), &mut out);
+        d.receive(
+            &Greeter2,
+            endpoint(),
+            now,
+            &mut b"c\nbye\n".to_vec(),
+            &mut out,
+        );
+        assert_eq!(out, b"ABC\nBYE\n");
+        assert_eq!(d.closed(), Some(&CloseReason::Local));
+    }
+
+    struct Greeter2;
+    impl Service for Greeter2 {
+        type Conn = LineEcho;
+        fn accept(&self, _info: &ConnInfo<'_>, _now: Instant) -> LineEcho {
+            LineEcho {
+                out: b"hello\n".to_vec(),
+                closed: false,
+                seen_closed: None,
+            }
+        }
+    }
+}
