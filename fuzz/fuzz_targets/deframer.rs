@@ -55,7 +55,11 @@ fn exercise(message: MessageRef<'_>) {
     let _ = message.uri_path().count();
     let _ = message.uri_path_is(&["oic", "sec", "session"]);
     let _ = message.uri_queries().count();
-    let _ = (message.content_format(), message.accept(), message.observe());
+    let _ = (
+        message.content_format(),
+        message.accept(),
+        message.observe(),
+    );
     let _ = (message.etag(), message.first_unknown_critical_option());
     reencode(message);
     match Signal::parse(&message) {
