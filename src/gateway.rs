@@ -3,6 +3,9 @@
 //! deframer borrows them from the runtime's buffer) and hands the session's
 //! bytes back. Wall-clock and randomness are read here, not in the session.
 
+// The glue is the IO side of the session: it reads the wall clock.
+#![allow(clippy::disallowed_methods)]
+
 use std::rc::Rc;
 use std::time::{Instant, SystemTime};
 

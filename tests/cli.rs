@@ -2,6 +2,9 @@
 //! the embedded defaults, a second instance on a taken port, SIGTERM,
 //! `check-config`, `certs`.
 
+// Tests are the IO side: they time real sockets (clippy.toml).
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::io::Read;

@@ -3,6 +3,9 @@
 //! over `coaps+tcp` with a device certificate. libcoap exits 0 even when a
 //! request fails, so the tests read its output.
 
+// Tests are the IO side: they time real sockets (clippy.toml).
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::process::Command;

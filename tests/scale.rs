@@ -1,6 +1,9 @@
 //! Many concurrent TLS connections to one gateway process, spread over two
 //! shards by SO_REUSEPORT, every one answered.
 
+// Tests are the IO side: they time real sockets (clippy.toml).
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::sync::atomic::Ordering;

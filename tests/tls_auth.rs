@@ -1,6 +1,9 @@
 //! Device authentication over real TLS sockets in the three `client_auth`
 //! modes (spec §3, checklist items 8–10).
 
+// Tests are the IO side: they time real sockets (clippy.toml).
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use coap_gateway::auth::tls::{client_config_with, ClientOptions};

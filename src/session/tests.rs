@@ -1,5 +1,8 @@
 //! The session driven with frames and a virtual clock: no sockets.
 
+// The virtual clock starts at a real instant; the session never reads it.
+#![allow(clippy::disallowed_methods)]
+
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -16,6 +19,9 @@ fn config(keepalive: Duration) -> Rc<SessionConfig> {
 fn wall() -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(1_764_000_000)
 }
+
+/// A message the session sent: code, token, payload, options.
+type Sent = (Code, Vec<u8>, Vec<u8>, Vec<(u16, Vec<u8>)>);
 
 struct Harness {
     session: Session,
@@ -45,7 +51,7 @@ impl Harness {
     }
 
     /// Everything the session has queued, as owned (code, token, payload).
-    fn sent(&mut self) -> Vec<(Code, Vec<u8>, Vec<u8>, Vec<(u16, Vec<u8>)>)> {
+    fn sent(&mut self) -> Vec<Sent> {
         let mut out = Vec::new();
         self.session.poll_transmit(&mut out);
         let mut msgs = Vec::new();
