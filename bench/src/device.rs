@@ -1,0 +1,358 @@
+//! A simulated device: a blocking CoAP-over-TLS client (RFC 8323) on a std
+//! `TcpStream` with a buffered rustls `ClientConnection`. It connects,
+//! handshakes, waits for the gateway's CSM, sends requests, answers Pings
+//! and closes. Every blocking call has a socket timeout.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coap_gateway::auth::tls::{client_config_with, ClientOptions};
+use coap_gateway::coap::{deframer, option, signal, Code, MessageWriter};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection};
+
+/// Largest message we accept from the gateway.
+const MAX_MESSAGE: usize = 1 << 20;
+/// Messages skipped while waiting for a particular one.
+const MAX_SKIPPED: usize = 16;
+
+/// A client configuration presenting the device certificate, with session
+/// resumption disabled so that every handshake is a full one.
+pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ClientConfig>, String> {
+    let config = client_config_with(ca, Some((cert, key)), &ClientOptions::default())
+        .map_err(|e| e.to_string())?;
+    let mut config = (*config).clone();
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// Where a connection attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// TCP connect.
+    Connect,
+    /// TLS handshake.
+    Tls,
+    /// Waiting for the gateway's first message (its CSM).
+    Csm,
+    /// A request after the CSM.
+    Request,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Connect => "tcp_connect",
+            Stage::Tls => "tls",
+            Stage::Csm => "first_csm",
+            Stage::Request => "request",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct DeviceError {
+    pub stage: Stage,
+    pub message: String,
+}
+
+impl DeviceError {
+    fn new(stage: Stage, error: impl fmt::Display) -> Self {
+        DeviceError {
+            stage,
+            message: error.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for DeviceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.stage.name(), self.message)
+    }
+}
+
+/// How long each stage of a connection took.
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    pub tcp_connect: Duration,
+    /// From the TCP connection to the client's end of the handshake (it has
+    /// the server's Finished and sent its own).
+    pub tls: Duration,
+    /// From there to the gateway's CSM: the server has verified the client
+    /// certificate and Finished, and its session has spoken.
+    pub first_csm: Duration,
+}
+
+impl Timings {
+    pub fn total(&self) -> Duration {
+        self.tcp_connect + self.tls + self.first_csm
+    }
+}
+
+/// One inbound message, owned.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub code: Code,
+    pub token: Vec<u8>,
+}
+
+/// What [`Device::service`] found on a non-blocking connection.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Serviced {
+    pub pings_answered: u64,
+    pub other_messages: u64,
+    /// The gateway closed the connection (EOF, close_notify or an error).
+    pub closed: bool,
+}
+
+pub struct Device {
+    tls: ClientConnection,
+    sock: TcpStream,
+    /// Plaintext received and not yet parsed.
+    buf: Vec<u8>,
+    next_token: u64,
+}
+
+impl Device {
+    /// TCP connect, full TLS handshake, then the gateway's first message,
+    /// which must be a CSM. `timeout` bounds every blocking call.
+    pub fn connect(
+        addr: SocketAddr,
+        config: &Arc<ClientConfig>,
+        timeout: Duration,
+    ) -> Result<(Device, Timings), DeviceError> {
+        let started = Instant::now();
+        let sock = TcpStream::connect_timeout(&addr, timeout)
+            .map_err(|e| DeviceError::new(Stage::Connect, e))?;
+        let connected = Instant::now();
+        let setup = |s: &TcpStream| -> io::Result<()> {
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(timeout))?;
+            s.set_write_timeout(Some(timeout))
+        };
+        setup(&sock).map_err(|e| DeviceError::new(Stage::Connect, e))?;
+        let name = ServerName::try_from("localhost").expect("a valid DNS name");
+        let tls = ClientConnection::new(config.clone(), name)
+            .map_err(|e| DeviceError::new(Stage::Tls, e))?;
+        let mut device = Device {
+            tls,
+            sock,
+            buf: Vec::new(),
+            next_token: 1,
+        };
+        device
+            .handshake()
+            .map_err(|e| DeviceError::new(Stage::Tls, e))?;
+        let handshaken = Instant::now();
+        let first = device.recv().map_err(|e| DeviceError::new(Stage::Csm, e))?;
+        if first.code != Code::CSM {
+            return Err(DeviceError::new(
+                Stage::Csm,
+                format!("first message is {}, not a CSM", first.code),
+            ));
+        }
+        let done = Instant::now();
+        Ok((
+            device,
+            Timings {
+                tcp_connect: connected - started,
+                tls: handshaken - connected,
+                first_csm: done - handshaken,
+            },
+        ))
+    }
+
+    fn handshake(&mut self) -> io::Result<()> {
+        // Bounded: every round trip either progresses or hits the socket
+        // timeout; the count guards against a peer that trickles bytes.
+        for _ in 0..64 {
+            if !self.tls.is_handshaking() {
+                return self.flush();
+            }
+            let (read, written) = self.tls.complete_io(&mut self.sock)?;
+            if read == 0 && written == 0 && self.tls.is_handshaking() {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        Err(io::Error::other("handshake did not finish"))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        while self.tls.wants_write() {
+            self.tls.write_tls(&mut self.sock)?;
+        }
+        Ok(())
+    }
+
+    /// Reads TLS records until a whole message is buffered (blocking).
+    pub fn recv(&mut self) -> io::Result<Msg> {
+        loop {
+            if let Some(msg) = self.parse_one()? {
+                return Ok(msg);
+            }
+            if self.read_plaintext()? == 0 {
+                let n = self.tls.read_tls(&mut self.sock)?;
+                if n == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                self.process()?;
+            }
+        }
+    }
+
+    fn parse_one(&mut self) -> io::Result<Option<Msg>> {
+        match deframer::next_message(&self.buf, MAX_MESSAGE) {
+            Ok(Some((m, len))) => {
+                let msg = Msg {
+                    code: m.code,
+                    token: m.token.to_vec(),
+                };
+                self.buf.drain(..len);
+                Ok(Some(msg))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+        }
+    }
+
+    /// Moves decrypted bytes into `buf`; 0 when none are ready. EOF (a
+    /// close_notify) is an error.
+    fn read_plaintext(&mut self) -> io::Result<usize> {
+        let mut chunk = [0u8; 4096];
+        match self.tls.reader().read(&mut chunk) {
+            Ok(0) => Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                Ok(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn process(&mut self) -> io::Result<()> {
+        self.tls
+            .process_new_packets()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        self.flush()
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.tls.writer().write_all(bytes)?;
+        self.flush()
+    }
+
+    fn token(&mut self) -> [u8; 8] {
+        self.next_token += 1;
+        self.next_token.to_be_bytes()
+    }
+
+    /// Sends our CSM and `GET /x.plgd.dev/time`, then waits for the 2.05
+    /// (answering Pings on the way). Blocking.
+    pub fn csm_and_get_time(&mut self) -> Result<(), DeviceError> {
+        let mut out = Vec::with_capacity(64);
+        signal::write_csm(&mut out, &self.token(), None, false);
+        let token = self.token();
+        MessageWriter::new(&mut out, Code::GET, &token)
+            .option_str(option::URI_PATH, "x.plgd.dev")
+            .option_str(option::URI_PATH, "time")
+            .finish();
+        self.send(&out)
+            .map_err(|e| DeviceError::new(Stage::Request, e))?;
+        for _ in 0..MAX_SKIPPED {
+            let msg = self
+                .recv()
+                .map_err(|e| DeviceError::new(Stage::Request, e))?;
+            if msg.code == Code::PING {
+                self.pong(&msg.token)
+                    .map_err(|e| DeviceError::new(Stage::Request, e))?;
+            } else if msg.token == token {
+                if msg.code == Code::CONTENT {
+                    return Ok(());
+                }
+                return Err(DeviceError::new(
+                    Stage::Request,
+                    format!("GET /x.plgd.dev/time answered {}", msg.code),
+                ));
+            }
+        }
+        Err(DeviceError::new(
+            Stage::Request,
+            "no answer to GET /x.plgd.dev/time",
+        ))
+    }
+
+    fn pong(&mut self, token: &[u8]) -> io::Result<()> {
+        let mut out = Vec::with_capacity(16);
+        signal::write_pong(&mut out, token, false);
+        self.send(&out)
+    }
+
+    /// Switches the socket to non-blocking mode for [`Device::service`].
+    pub fn set_nonblocking(&self) -> io::Result<()> {
+        self.sock.set_nonblocking(true)
+    }
+
+    /// Non-blocking: reads what arrived, answers Pings, reports a close.
+    pub fn service(&mut self) -> Serviced {
+        let mut seen = Serviced::default();
+        for _ in 0..MAX_SKIPPED {
+            match self.tls.read_tls(&mut self.sock) {
+                Ok(0) => {
+                    seen.closed = true;
+                    return seen;
+                }
+                Ok(_) => {
+                    if self.process().is_err() {
+                        seen.closed = true;
+                        return seen;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    seen.closed = true;
+                    return seen;
+                }
+            }
+        }
+        loop {
+            match self.read_plaintext() {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(_) => {
+                    seen.closed = true;
+                    return seen;
+                }
+            }
+        }
+        loop {
+            match self.parse_one() {
+                Ok(Some(msg)) if msg.code == Code::PING => {
+                    // A Pong is a few bytes: the socket buffer takes it.
+                    if self.pong(&msg.token).is_err() {
+                        seen.closed = true;
+                        return seen;
+                    }
+                    seen.pings_answered += 1;
+                }
+                Ok(Some(_)) => seen.other_messages += 1,
+                Ok(None) => break,
+                Err(_) => {
+                    seen.closed = true;
+                    return seen;
+                }
+            }
+        }
+        seen
+    }
+
+    /// Sends close_notify (best effort) and closes the socket.
+    pub fn close(mut self) {
+        self.tls.send_close_notify();
+        let _ = self.flush();
+    }
+}

@@ -1,0 +1,221 @@
+//! The gateway under test: a development PKI in a temporary data directory
+//! and, with `--spawn`, the real `coap-gateway` binary started on a free
+//! loopback port. [`SpawnedGateway`] kills the process when dropped, also on
+//! error and panic.
+
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coap_gateway::auth::pki;
+use coap_gateway::auth::tls::TlsFiles;
+use rustls::ClientConfig;
+
+use crate::device::{self, Device};
+
+/// How long the gateway has to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A development PKI (CA, gateway certificate) plus one device identity
+/// certificate, in a temporary directory that is the gateway's data dir.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn create() -> Result<Pki, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("coap-gateway-bench-")
+            .tempdir()
+            .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+        pki::init(&dir.path().join("pki"), uuid::Uuid::new_v4(), false)
+            .map_err(|e| format!("cannot create the development PKI: {e}"))?;
+        let pki = Pki { dir };
+        pki::device(
+            &pki.pki_dir(),
+            uuid::Uuid::new_v4(),
+            &pki.device_dir(),
+            false,
+        )
+        .map_err(|e| format!("cannot create the device certificate: {e}"))?;
+        Ok(pki)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn pki_dir(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+
+    fn device_dir(&self) -> PathBuf {
+        self.dir.path().join("device")
+    }
+
+    /// The files the gateway's listener uses (also used by the baseline
+    /// server, so both present the same certificate and trust the same CA).
+    pub fn server_files(&self) -> TlsFiles {
+        let d = self.pki_dir();
+        TlsFiles {
+            ca: d.join("ca.pem"),
+            cert: d.join("gateway.pem"),
+            key: d.join("gateway-key.pem"),
+        }
+    }
+
+    /// The device's client configuration (no resumption).
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>, String> {
+        let d = self.device_dir();
+        device::client_config(
+            &self.pki_dir().join("ca.pem"),
+            &d.join("device.pem"),
+            &d.join("device-key.pem"),
+        )
+    }
+}
+
+/// A device identity issued by an existing CA directory (`ca.pem`,
+/// `ca-key.pem`), for `--gateway ADDR`.
+pub fn external_client_config(ca_dir: &Path, scratch: &Path) -> Result<Arc<ClientConfig>, String> {
+    let out = scratch.join("external-device");
+    let paths = pki::device(ca_dir, uuid::Uuid::new_v4(), &out, false).map_err(|e| {
+        format!(
+            "cannot issue a device certificate from {}: {e}",
+            ca_dir.display()
+        )
+    })?;
+    device::client_config(&paths.ca, &paths.cert, &paths.key)
+}
+
+/// The `coap-gateway` binary next to this one.
+pub fn default_binary() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    Ok(exe.with_file_name("coap-gateway"))
+}
+
+/// A `coap-gateway serve` child process.
+pub struct SpawnedGateway {
+    child: Child,
+    pub addr: SocketAddr,
+    pub shards: usize,
+    stderr_path: PathBuf,
+}
+
+impl SpawnedGateway {
+    /// Starts the binary on a free loopback port with `pki`'s data dir and
+    /// waits until a device can complete a handshake and get the CSM.
+    pub fn start(
+        binary: &Path,
+        pki: &Pki,
+        shards: usize,
+        client: &Arc<ClientConfig>,
+        interrupted: &Arc<AtomicBool>,
+    ) -> Result<SpawnedGateway, String> {
+        if !binary.is_file() {
+            return Err(format!(
+                "{} not found; build both binaries first: cargo build --release -p bench -p coap-gateway",
+                binary.display()
+            ));
+        }
+        let port = free_port()?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let stderr_path = pki.data_dir().join("gateway.stderr");
+        let stderr = File::create(&stderr_path)
+            .map_err(|e| format!("cannot create {}: {e}", stderr_path.display()))?;
+        let child = Command::new(binary)
+            .arg("serve")
+            .env("COAP_GATEWAY__HUB__DATA_DIR", pki.data_dir())
+            .env("COAP_GATEWAY__COAP__ADDRESS", addr.to_string())
+            .env("COAP_GATEWAY__COAP__SHARDS", shards.to_string())
+            .env("COAP_GATEWAY__LOG__LEVEL", "warn")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        let mut gateway = SpawnedGateway {
+            child,
+            addr,
+            shards,
+            stderr_path,
+        };
+        gateway.wait_ready(client, interrupted)?;
+        Ok(gateway)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn wait_ready(
+        &mut self,
+        client: &Arc<ClientConfig>,
+        interrupted: &Arc<AtomicBool>,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut last = String::from("no attempt");
+        while Instant::now() < deadline && !interrupted.load(Ordering::Relaxed) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "the gateway exited during start-up ({status}); its stderr:\n{}",
+                    self.stderr_tail()
+                ));
+            }
+            match Device::connect(self.addr, client, Duration::from_secs(2)) {
+                Ok((device, _)) => {
+                    device.close();
+                    return Ok(());
+                }
+                Err(e) => last = e.to_string(),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(format!(
+            "the gateway did not accept a device on {} within {START_TIMEOUT:?} (last: {last}); its stderr:\n{}",
+            self.addr,
+            self.stderr_tail()
+        ))
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The last lines the gateway wrote to stderr.
+    pub fn stderr_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Number of lines on the gateway's stderr (warnings and errors).
+    pub fn stderr_lines(&self) -> usize {
+        std::fs::read_to_string(&self.stderr_path)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for SpawnedGateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> Result<u16, String> {
+    let listener =
+        TcpListener::bind("127.0.0.1:0").map_err(|e| format!("cannot find a free port: {e}"))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| format!("cannot find a free port: {e}"))
+}
