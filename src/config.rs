@@ -86,6 +86,9 @@ pub struct Config {
     /// `[hub]`
     #[serde(default)]
     pub hub: HubConfig,
+    /// `[api]`
+    #[serde(default)]
+    pub api: ApiConfig,
 }
 
 /// `[log]`: what is logged and how (logs go to stderr).
@@ -332,6 +335,23 @@ pub struct HubConfig {
     pub data_dir: PathBuf,
 }
 
+/// `[api]`: the HTTP API of the control plane (health, readiness, metrics).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address of the HTTP API; port 0 picks a free port (logged at start).
+    /// Default `127.0.0.1:8080`: loopback, since it carries no TLS yet.
+    pub address: SocketAddr,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            address: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
+    }
+}
+
 impl Default for HubConfig {
     fn default() -> Self {
         Self {
@@ -425,6 +445,7 @@ impl Default for Config {
             log: LogConfig::default(),
             coap: CoapConfig::default(),
             hub: HubConfig::default(),
+            api: ApiConfig::default(),
         };
         config.fill_derived_paths();
         config
@@ -441,6 +462,7 @@ impl Config {
             hub: HubConfig {
                 data_dir: data_dir.into(),
             },
+            api: ApiConfig::default(),
         };
         config.fill_derived_paths();
         config

@@ -6,6 +6,7 @@
 //! this crate is sans-IO: no sockets, no clocks, no executor types.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod auth;
 pub mod coap;
 pub mod config;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use coap_gateway::api::{ApiServer, ApiState};
 use coap_gateway::auth::pki;
 use coap_gateway::config::{Config, LogFormat};
 use coap_gateway::server;
@@ -181,6 +182,17 @@ fn serve(path: Option<&Path>, format: Option<LogFormatArg>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let api_state = ApiState::new(runtime.stats().to_vec(), runtime.shutdown_flag());
+    let api = match ApiServer::start(config.api.address, api_state.clone()) {
+        Ok(api) => api,
+        Err(e) => {
+            tracing::error!("{e}");
+            runtime.shutdown();
+            runtime.join();
+            return ExitCode::from(1);
+        }
+    };
+    api_state.set_ready(true);
     let flag = runtime.shutdown_flag();
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         if let Err(e) = signal_hook::flag::register(signal, flag.clone()) {
@@ -203,7 +215,9 @@ fn serve(path: Option<&Path>, format: Option<LogFormatArg>) -> ExitCode {
         "listening for devices on {scheme}://{}",
         runtime.local_addr()
     );
+    tracing::info!(address = %api.local_addr(), "HTTP API on http://{}", api.local_addr());
     runtime.join();
+    api.stop();
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }

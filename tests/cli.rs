@@ -30,7 +30,8 @@ fn gateway(dir: &Path, port: u16) -> Command {
     cmd.current_dir(dir)
         .env_remove("RUST_LOG")
         .env("COAP_GATEWAY__COAP__ADDRESS", format!("127.0.0.1:{port}"))
-        .env("COAP_GATEWAY__COAP__SHARDS", "1");
+        .env("COAP_GATEWAY__COAP__SHARDS", "1")
+        .env("COAP_GATEWAY__API__ADDRESS", "127.0.0.1:0");
     cmd
 }
 
@@ -243,4 +244,81 @@ fn certs_init_and_device_write_the_files() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(!String::from_utf8_lossy(&out.stderr).is_empty());
+}
+
+#[test]
+fn http_api_serves_health_readiness_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let api_port = free_port();
+    let mut child = gateway(dir.path(), port)
+        .env(
+            "COAP_GATEWAY__API__ADDRESS",
+            format!("127.0.0.1:{api_port}"),
+        )
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(port, &mut child);
+    wait_for_port(api_port, &mut child);
+    let base = format!("http://127.0.0.1:{api_port}");
+    let get = |path: &str| -> (u16, String) {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut response = agent.get(&format!("{base}{path}")).call().expect("HTTP");
+        let status = response.status().as_u16();
+        (
+            status,
+            response.body_mut().read_to_string().unwrap_or_default(),
+        )
+    };
+    assert_eq!(get("/healthz").0, 200);
+    assert_eq!(get("/readyz").0, 200);
+
+    // One device connects: the metrics count it on its shard.
+    let d = dir.path().join("data/devices");
+    let status = Command::new(BIN)
+        .current_dir(dir.path())
+        .args([
+            "certs",
+            "device",
+            "--ca",
+            "data/pki",
+            "--out",
+            "data/devices",
+        ])
+        .args(["--device-id", common::DEVICE_ID])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let client = coap_gateway::auth::tls::client_config(
+        &dir.path().join("data/pki/ca.pem"),
+        Some((&d.join("device.pem"), &d.join("device-key.pem"))),
+    )
+    .unwrap();
+    let mut dev = TestDevice::connect_tls(([127, 0, 0, 1], port).into(), client).unwrap();
+    assert_eq!(dev.recv().unwrap().code, Code::CSM);
+    let (status, metrics) = get("/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("coapgw_connections_active{shard=\"0\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("coapgw_tls_handshakes_total{shard=\"0\"} 1"),
+        "{metrics}"
+    );
+
+    let (status, body) = get("/nope");
+    assert_eq!(status, 404);
+    assert!(body.contains("\"code\":404"), "{body}");
+
+    sigterm(&child);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(10)).code(),
+        Some(0)
+    );
 }
