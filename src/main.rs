@@ -5,6 +5,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use coap_gateway::api::{ApiServer, ApiState};
@@ -175,7 +177,16 @@ fn serve(path: Option<&Path>, format: Option<LogFormatArg>) -> ExitCode {
         }
     }
     let open_files = shards::system::raise_nofile_limit();
-    let runtime = match server::start(&config) {
+    // Signal handlers first: a SIGTERM during start-up then drains instead
+    // of killing the process.
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register(signal, shutdown.clone()) {
+            tracing::error!("cannot install the handler for signal {signal}: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    let runtime = match server::start_with_shutdown(&config, shutdown) {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("{e}");
@@ -193,15 +204,6 @@ fn serve(path: Option<&Path>, format: Option<LogFormatArg>) -> ExitCode {
         }
     };
     api_state.set_ready(true);
-    let flag = runtime.shutdown_flag();
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        if let Err(e) = signal_hook::flag::register(signal, flag.clone()) {
-            tracing::error!("cannot install the handler for signal {signal}: {e}");
-            runtime.shutdown();
-            runtime.join();
-            return ExitCode::from(1);
-        }
-    }
     let scheme = if config.coap.tls.enabled {
         "coaps+tcp"
     } else {
@@ -216,10 +218,33 @@ fn serve(path: Option<&Path>, format: Option<LogFormatArg>) -> ExitCode {
         runtime.local_addr()
     );
     tracing::info!(address = %api.local_addr(), "HTTP API on http://{}", api.local_addr());
+    spawn_shutdown_watchdog(runtime.shutdown_flag());
     runtime.join();
     api.stop();
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// Once a shutdown starts, the shards drain within their drain timeout (5 s);
+/// if they have not stopped well after that, exit rather than hang: an
+/// operator's SIGTERM must end the process.
+fn spawn_shutdown_watchdog(flag: Arc<AtomicBool>) {
+    const GRACE: std::time::Duration = std::time::Duration::from_secs(15);
+    let spawned = std::thread::Builder::new()
+        .name("shutdown-watchdog".into())
+        .spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            std::thread::sleep(GRACE);
+            tracing::error!(
+                "shards did not stop within {GRACE:?} of the shutdown request; exiting"
+            );
+            std::process::exit(1);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start the shutdown watchdog: {e}");
+    }
 }
 
 /// SURFACE.md: on first start with the embedded defaults, say where the

@@ -3,6 +3,8 @@
 //! settings, and the shards runtime.
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use shards::{Runtime, RuntimeConfig, StartError};
 
@@ -45,6 +47,15 @@ pub fn tls_files(config: &Config) -> TlsFiles {
 
 /// Starts the shards; the gateway serves until `Runtime::shutdown`.
 pub fn start(config: &Config) -> Result<Runtime, ServeError> {
+    start_with_shutdown(config, Arc::new(AtomicBool::new(false)))
+}
+
+/// As [`start`], with a shutdown flag the caller created earlier (e.g. one
+/// that signal handlers set).
+pub fn start_with_shutdown(
+    config: &Config,
+    shutdown: Arc<AtomicBool>,
+) -> Result<Runtime, ServeError> {
     prepare_dev_pki(config)?;
     let tls = if config.coap.tls.enabled {
         Some(tls::server_config(
@@ -62,6 +73,7 @@ pub fn start(config: &Config) -> Result<Runtime, ServeError> {
     runtime.shards = config.coap.shards;
     runtime.max_connections = config.coap.max_connections;
     runtime.handshake_timeout = config.coap.handshake_timeout;
+    runtime.shutdown = shutdown;
     let session = SessionConfig {
         max_message_size: config.coap.max_message_size,
         keepalive_timeout: config.coap.keepalive_timeout,

@@ -45,6 +45,9 @@ pub struct RuntimeConfig {
     pub drain_timeout: Duration,
     /// Granularity of the per-shard timer wheel.
     pub tick: Duration,
+    /// Setting this starts a graceful shutdown. Give the runtime a flag that
+    /// signal handlers already hold, so a signal during start-up is not lost.
+    pub shutdown: Arc<AtomicBool>,
 }
 
 impl RuntimeConfig {
@@ -57,6 +60,7 @@ impl RuntimeConfig {
             tls,
             drain_timeout: Duration::from_secs(5),
             tick: Duration::from_millis(50),
+            shutdown: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -123,9 +127,12 @@ impl Runtime {
         let stats: Vec<Arc<ShardStats>> = (0..shards)
             .map(|_| Arc::new(ShardStats::default()))
             .collect();
-        let shutdown = Arc::new(AtomicBool::new(false));
+        let shutdown = config.shutdown.clone();
         let total = Arc::new(AtomicUsize::new(0));
         let make_service = Arc::new(make_service);
+        // Shard threads (and the helper threads glommio spawns for them)
+        // inherit this mask; it is restored when `start` returns.
+        let _mask = system::SignalMask::block_termination_signals();
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
 
         let mut handles = Vec::with_capacity(shards);
