@@ -20,7 +20,10 @@ pub enum ClientAuth {
     None,
 }
 
+pub mod authority;
 pub mod identity;
+pub mod jwks;
+pub mod jwt;
 pub mod pki;
 pub mod tls;
 pub mod verifier;
