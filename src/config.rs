@@ -89,6 +89,9 @@ pub struct Config {
     /// `[api]`
     #[serde(default)]
     pub api: ApiConfig,
+    /// `[authority]`
+    #[serde(default)]
+    pub authority: AuthorityConfig,
 }
 
 /// `[log]`: what is logged and how (logs go to stderr).
@@ -335,6 +338,53 @@ pub struct HubConfig {
     pub data_dir: PathBuf,
 }
 
+/// `[authority]`: the embedded token authority, which issues sign-up codes,
+/// device access tokens and API tokens (`coap-gateway token ...`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthorityConfig {
+    /// Lifetime of the access tokens it issues. Default `1h`.
+    #[serde(with = "humantime_serde")]
+    pub access_token_ttl: Duration,
+    /// Lifetime of a sign-up code. Default `10m`.
+    #[serde(with = "humantime_serde")]
+    pub code_ttl: Duration,
+    /// The ES256 signing key (PKCS#8 PEM), created on first use. Empty =
+    /// `<hub.data_dir>/authority-key.pem`. Nodes that share devices share it.
+    pub key_file: PathBuf,
+    /// The `iss` of its tokens. Empty = `http://<api.address>`.
+    pub issuer: String,
+}
+
+impl Default for AuthorityConfig {
+    fn default() -> Self {
+        Self {
+            access_token_ttl: Duration::from_secs(3600),
+            code_ttl: Duration::from_secs(600),
+            key_file: PathBuf::new(),
+            issuer: String::new(),
+        }
+    }
+}
+
+impl AuthorityConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.access_token_ttl < Duration::from_secs(1) {
+            return Err(invalid(
+                "authority.access_token_ttl",
+                "must be at least 1s (e.g. \"1h\")",
+            ));
+        }
+        if self.code_ttl < Duration::from_secs(1) {
+            return Err(invalid(
+                "authority.code_ttl",
+                "must be at least 1s (e.g. \"10m\")",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// `[api]`: the HTTP API of the control plane (health, readiness, metrics).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -446,6 +496,7 @@ impl Default for Config {
             coap: CoapConfig::default(),
             hub: HubConfig::default(),
             api: ApiConfig::default(),
+            authority: AuthorityConfig::default(),
         };
         config.fill_derived_paths();
         config
@@ -463,6 +514,7 @@ impl Config {
                 data_dir: data_dir.into(),
             },
             api: ApiConfig::default(),
+            authority: AuthorityConfig::default(),
         };
         config.fill_derived_paths();
         config
@@ -508,7 +560,28 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.log.validate()?;
         self.coap.validate()?;
-        self.hub.validate()
+        self.hub.validate()?;
+        self.authority.validate()
+    }
+
+    /// The authority's signing key file in force (`authority.key_file`, or
+    /// `<hub.data_dir>/authority-key.pem` when empty).
+    pub fn authority_key_file(&self) -> PathBuf {
+        if self.authority.key_file.as_os_str().is_empty() {
+            self.hub.data_dir.join("authority-key.pem")
+        } else {
+            self.authority.key_file.clone()
+        }
+    }
+
+    /// The authority's issuer in force (`authority.issuer`, or
+    /// `http://<api.address>` when empty).
+    pub fn authority_issuer(&self) -> String {
+        if self.authority.issuer.is_empty() {
+            format!("http://{}", self.api.address)
+        } else {
+            self.authority.issuer.clone()
+        }
     }
 
     /// Whether the TLS files are the development PKI's:

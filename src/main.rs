@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use coap_gateway::api::{ApiServer, ApiState};
+use coap_gateway::auth::authority::{Authority, AuthoritySettings, SigningKey};
 use coap_gateway::auth::pki;
 use coap_gateway::config::{Config, LogFormat};
 use coap_gateway::server;
@@ -47,6 +48,36 @@ enum Command {
     Certs(CertsCommand),
     /// Validate a config file and print the effective configuration.
     CheckConfig,
+    /// Issue tokens from the embedded authority (its key is in the data
+    /// directory, or `[authority] key_file`).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a one-time authorization code for a device's sign-up.
+    Code {
+        #[arg(long)]
+        owner: String,
+        /// Bind the code to one device.
+        #[arg(long)]
+        device_id: Option<uuid::Uuid>,
+        /// Data directory holding the authority's key (overrides
+        /// `hub.data_dir`).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Print a bearer token for the HTTP API.
+    User {
+        #[arg(long)]
+        owner: String,
+        /// Lifetime, e.g. 1h, 30m, 7d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -83,6 +114,7 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(cli.config.as_deref(), cli.log_format),
         Command::CheckConfig => check_config(cli.config.as_deref()),
+        Command::Token(command) => token(cli.config.as_deref(), command),
         Command::Certs(CertsCommand::Init { out, hub_id, force }) => {
             let hub_id = hub_id.unwrap_or_else(uuid::Uuid::new_v4);
             match pki::init(&out, hub_id, force) {
@@ -139,6 +171,63 @@ fn check_config(path: Option<&Path>) -> ExitCode {
     }
 }
 
+/// `token code` / `token user` (SURFACE.md): sign with the same key the
+/// gateway uses, so a gateway started on the same data directory (or
+/// `key_file`) accepts what is printed here.
+fn token(config_path: Option<&Path>, command: TokenCommand) -> ExitCode {
+    let mut config = match load_config(config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let data_dir = match &command {
+        TokenCommand::Code { data_dir, .. } | TokenCommand::User { data_dir, .. } => {
+            data_dir.clone()
+        }
+    };
+    if let Some(dir) = data_dir {
+        config.hub.data_dir = dir;
+    }
+    let authority = match load_authority(&config) {
+        Ok(a) => a,
+        Err(e) => return usage_error(&e),
+    };
+    // The CLI is the IO side: it reads the clock for the tokens' iat/exp.
+    #[allow(clippy::disallowed_methods)]
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let issued = match command {
+        TokenCommand::Code {
+            owner, device_id, ..
+        } => authority.issue_code(&owner, device_id.map(|d| d.to_string()).as_deref(), now),
+        TokenCommand::User { owner, ttl, .. } => authority
+            .issue_user_token(&owner, ttl, now)
+            .map(|t| t.token),
+    };
+    match issued {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => usage_error(&e.to_string()),
+    }
+}
+
+/// The embedded authority with the key from `[authority] key_file` (created
+/// on first use) and the configured lifetimes.
+fn load_authority(config: &Config) -> Result<Authority, String> {
+    let key_file = config.authority_key_file();
+    if let Some(parent) = key_file.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    }
+    let key = SigningKey::load_or_create(&key_file).map_err(|e| e.to_string())?;
+    let mut settings = AuthoritySettings::new(config.authority_issuer());
+    settings.access_token_ttl = config.authority.access_token_ttl;
+    settings.code_ttl = config.authority.code_ttl;
+    Authority::new(key, settings).map_err(|e| e.to_string())
+}
+
 fn init_logging(config: &Config, format: Option<LogFormatArg>) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
@@ -193,7 +282,17 @@ fn serve(path: Option<&Path>, format: Option<LogFormatArg>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let api_state = ApiState::new(runtime.stats().to_vec(), runtime.shutdown_flag());
+    let authority = match load_authority(&config) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!("{e}");
+            runtime.shutdown();
+            runtime.join();
+            return ExitCode::from(1);
+        }
+    };
+    let api_state = ApiState::new(runtime.stats().to_vec(), runtime.shutdown_flag())
+        .with_authority(Arc::new(authority));
     let api = match ApiServer::start(config.api.address, api_state.clone()) {
         Ok(api) => api,
         Err(e) => {

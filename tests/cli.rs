@@ -312,6 +312,14 @@ fn http_api_serves_health_readiness_and_metrics() {
         "{metrics}"
     );
 
+    let (status, jwks) = get("/.well-known/jwks.json");
+    assert_eq!(status, 200);
+    assert!(jwks.contains("\"kty\":\"EC\""), "{jwks}");
+    let (status, discovery) = get("/.well-known/openid-configuration");
+    assert_eq!(status, 200);
+    assert!(discovery.contains("jwks_uri"), "{discovery}");
+    assert!(dir.path().join("data/authority-key.pem").exists());
+
     let (status, body) = get("/nope");
     assert_eq!(status, 404);
     assert!(body.contains("\"code\":404"), "{body}");
@@ -321,4 +329,69 @@ fn http_api_serves_health_readiness_and_metrics() {
         wait_exit(&mut child, Duration::from_secs(10)).code(),
         Some(0)
     );
+}
+
+#[test]
+fn token_commands_sign_with_the_data_dir_key() {
+    use coap_gateway::auth::authority::{Authority, AuthoritySettings, SigningKey};
+    use coap_gateway::auth::jwt::{AuthorizationMode, TokenValidator};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .args(["--data-dir", data])
+            .output()
+            .unwrap()
+    };
+    let code = run(&[
+        "token",
+        "code",
+        "--owner",
+        "alice",
+        "--device-id",
+        common::DEVICE_ID,
+    ]);
+    assert!(code.status.success(), "{code:?}");
+    let code = String::from_utf8(code.stdout).unwrap().trim().to_owned();
+    let user = run(&["token", "user", "--owner", "alice", "--ttl", "2h"]);
+    assert!(user.status.success(), "{user:?}");
+    let user = String::from_utf8(user.stdout).unwrap().trim().to_owned();
+
+    // The key was created in the data dir, private to its owner.
+    let key_file = dir.path().join("authority-key.pem");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // Both verify against that key with the default issuer.
+    let key = SigningKey::load(&key_file).unwrap();
+    let authority = Authority::new(key, AuthoritySettings::new("http://127.0.0.1:8080")).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let grant = authority
+        .redeem_code(&code, Some(common::DEVICE_ID), now)
+        .unwrap();
+    assert_eq!(grant.owner(), "alice");
+    let validator = TokenValidator::new(
+        authority.key_set(),
+        authority.validation_settings(AuthorizationMode::ValidToken),
+    )
+    .unwrap();
+    let verified = validator.validate(&user, now).unwrap();
+    assert_eq!(verified.owner(), "alice");
+    let expires = verified.expires_at().unwrap();
+    assert!(
+        expires > now + 3600 && expires <= now + 7200 + 5,
+        "{expires} vs {now}"
+    );
+    // A code is not an access token.
+    assert!(validator.validate(&code, now).is_err());
+
+    // Bad input is exit 2 with a message.
+    let bad = run(&["token", "code", "--owner", ""]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(!bad.stderr.is_empty());
 }

@@ -3,7 +3,9 @@
 //! own thread with a single-threaded tokio runtime, away from the shards:
 //! it only reads their counters, which are atomics.
 //!
-//! The device, twin, command and authority routes arrive with the hub.
+//! With the embedded authority it also publishes
+//! `/.well-known/openid-configuration` and `/.well-known/jwks.json`. The
+//! device, twin, command and token routes arrive with the hub.
 
 mod metrics;
 
@@ -18,6 +20,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use shards::ShardStats;
 
+use crate::auth::authority::Authority;
+
 pub use metrics::ShardMetrics;
 
 /// What the API reads.
@@ -28,6 +32,8 @@ pub struct ApiState {
     ready: Arc<AtomicBool>,
     /// The runtime's shutdown flag: a draining gateway is not ready.
     draining: Arc<AtomicBool>,
+    /// The embedded token authority, whose discovery documents we publish.
+    authority: Option<Arc<Authority>>,
 }
 
 impl ApiState {
@@ -38,7 +44,16 @@ impl ApiState {
             metrics: Arc::new(registry),
             ready: Arc::new(AtomicBool::new(false)),
             draining,
+            authority: None,
         }
+    }
+
+    /// Publish the embedded authority's OpenID discovery document and key
+    /// set, so that the gateway (or another node) can be pointed at it as at
+    /// an external provider.
+    pub fn with_authority(mut self, authority: Arc<Authority>) -> ApiState {
+        self.authority = Some(authority);
+        self
     }
 
     /// Readiness as the load balancer sees it: set once the listeners are
@@ -153,6 +168,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        .route(
+            "/.well-known/openid-configuration",
+            get(openid_configuration),
+        )
+        .route("/.well-known/jwks.json", get(jwks))
         .fallback(not_found)
         .with_state(state)
 }
@@ -194,6 +214,29 @@ async fn metrics_text(State(state): State<ApiState>) -> Response {
         )
             .into_response(),
         Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics"),
+    }
+}
+
+async fn openid_configuration(State(state): State<ApiState>) -> Response {
+    match &state.authority {
+        Some(authority) => {
+            let issuer = authority.settings().issuer.clone();
+            Json(authority.openid_configuration(&issuer)).into_response()
+        }
+        None => error(
+            StatusCode::NOT_FOUND,
+            "the embedded authority is not enabled",
+        ),
+    }
+}
+
+async fn jwks(State(state): State<ApiState>) -> Response {
+    match &state.authority {
+        Some(authority) => Json(authority.jwks()).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "the embedded authority is not enabled",
+        ),
     }
 }
 
