@@ -42,7 +42,7 @@ impl Service for GatewayService {
         };
         tracing::debug!(
             peer = %info.peer_addr,
-            shard = info.shard,
+            conn = %info.id,
             device_id = identity.device_id.as_deref().unwrap_or(""),
             tls = ?info.tls_version,
             "device connected"
@@ -66,6 +66,16 @@ fn fallback_seed(now: Instant) -> [u8; 8] {
     (nanos ^ (now.elapsed().as_nanos() as u64)).to_be_bytes()
 }
 
+/// What the control plane sends to one device connection (through
+/// `shards::ShardSender`, addressed by the `ConnId` the connection was
+/// accepted with).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayMessage {
+    /// Disconnect the device (e.g. it was removed through the API): the
+    /// session closes without sending anything more.
+    Close { reason: String },
+}
+
 /// A device connection as the runtime sees it.
 pub struct DeviceConnection {
     session: Session,
@@ -79,6 +89,8 @@ impl DeviceConnection {
 }
 
 impl Connection for DeviceConnection {
+    type Message = GatewayMessage;
+
     fn on_data(&mut self, now: Instant, data: &[u8]) -> usize {
         let wall = SystemTime::now();
         let mut used = 0;
@@ -101,6 +113,12 @@ impl Connection for DeviceConnection {
 
     fn on_timeout(&mut self, now: Instant) {
         self.session.handle_timeout(now);
+    }
+
+    fn on_message(&mut self, _now: Instant, msg: GatewayMessage) {
+        match msg {
+            GatewayMessage::Close { reason } => self.session.close(reason),
+        }
     }
 
     fn on_shutdown(&mut self, _now: Instant) {
@@ -126,5 +144,115 @@ impl Connection for DeviceConnection {
             "device disconnected"
         );
         self.session.transport_closed(format!("{reason:?}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::net::TcpStream;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use shards::{ConnId, Runtime, RuntimeConfig};
+
+    use super::*;
+    use crate::coap::Code;
+    use crate::session::CloseReason as SessionClose;
+
+    fn info(id: ConnId) -> ConnInfo<'static> {
+        ConnInfo {
+            peer_addr: "127.0.0.1:40000".parse().unwrap(),
+            local_addr: "127.0.0.1:5684".parse().unwrap(),
+            shard: id.shard as usize,
+            id,
+            peer_certificates: None,
+            tls_version: None,
+            cipher_suite: None,
+        }
+    }
+
+    #[test]
+    fn a_close_message_closes_the_session_without_a_response() {
+        let id = ConnId {
+            shard: 0,
+            slot: 3,
+            generation: 7,
+        };
+        let now = Instant::now();
+        let mut conn = GatewayService::new(SessionConfig::default()).accept(&info(id), now);
+        let mut csm = Vec::new();
+        assert!(conn.poll_transmit(&mut csm));
+        conn.on_message(
+            now,
+            GatewayMessage::Close {
+                reason: "device removed".into(),
+            },
+        );
+        assert!(conn.is_closed());
+        assert!(!conn.poll_transmit(&mut Vec::new()), "nothing is sent");
+        assert_eq!(
+            conn.session().is_closed(),
+            Some(&SessionClose::ClosedByHub("device removed".into()))
+        );
+        assert_eq!(conn.poll_timeout(), None);
+    }
+
+    /// The gateway's service, remembering the ids it accepted.
+    struct Recording {
+        inner: GatewayService,
+        seen: Arc<Mutex<Vec<ConnId>>>,
+    }
+
+    impl Service for Recording {
+        type Conn = DeviceConnection;
+        fn accept(&self, info: &ConnInfo<'_>, now: Instant) -> DeviceConnection {
+            self.seen.lock().unwrap().push(info.id);
+            self.inner.accept(info, now)
+        }
+    }
+
+    #[test]
+    fn the_hub_disconnects_a_device_through_the_runtime() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut config = RuntimeConfig::new("127.0.0.1:0".parse().unwrap(), None);
+        config.shards = 1;
+        let recorded = seen.clone();
+        let runtime = Runtime::start(config, move |_| Recording {
+            inner: GatewayService::new(SessionConfig::default()),
+            seen: recorded.clone(),
+        })
+        .expect("runtime starts");
+        let mut device = TcpStream::connect(runtime.local_addr()).unwrap();
+        device
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut first = [0u8; 64];
+        let n = device.read(&mut first).unwrap();
+        let (csm, len) = deframer::next_message(&first[..n], 1024).unwrap().unwrap();
+        assert_eq!((csm.code, len), (Code::CSM, n));
+
+        let id = seen.lock().unwrap()[0];
+        runtime
+            .sender()
+            .send(
+                id,
+                GatewayMessage::Close {
+                    reason: "device removed".into(),
+                },
+            )
+            .unwrap();
+        let mut rest = Vec::new();
+        device.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "closed without a response: {rest:?}");
+        let stats = &runtime.stats()[0];
+        assert_eq!(
+            stats
+                .messages_delivered
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        runtime.shutdown();
+        runtime.join();
     }
 }

@@ -11,7 +11,7 @@ use shards::{Runtime, RuntimeConfig, StartError};
 use crate::auth::pki::{self, PkiError, PkiPaths};
 use crate::auth::tls::{self, TlsError, TlsFiles};
 use crate::config::Config;
-use crate::gateway::GatewayService;
+use crate::gateway::{GatewayMessage, GatewayService};
 use crate::session::SessionConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +46,8 @@ pub fn tls_files(config: &Config) -> TlsFiles {
 }
 
 /// Starts the shards; the gateway serves until `Runtime::shutdown`.
-pub fn start(config: &Config) -> Result<Runtime, ServeError> {
+/// `Runtime::sender` reaches one device connection by its `ConnId`.
+pub fn start(config: &Config) -> Result<Runtime<GatewayMessage>, ServeError> {
     start_with_shutdown(config, Arc::new(AtomicBool::new(false)))
 }
 
@@ -55,7 +56,7 @@ pub fn start(config: &Config) -> Result<Runtime, ServeError> {
 pub fn start_with_shutdown(
     config: &Config,
     shutdown: Arc<AtomicBool>,
-) -> Result<Runtime, ServeError> {
+) -> Result<Runtime<GatewayMessage>, ServeError> {
     prepare_dev_pki(config)?;
     let tls = if config.coap.tls.enabled {
         Some(tls::server_config(

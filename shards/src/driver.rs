@@ -20,6 +20,8 @@ use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
 use rustls::{CipherSuite, ProtocolVersion, ServerConfig};
 
+use crate::message::ConnId;
+
 /// What the runtime tells the application about a new connection, once the
 /// TLS handshake (if any) has completed.
 #[derive(Debug)]
@@ -28,6 +30,9 @@ pub struct ConnInfo<'a> {
     pub local_addr: SocketAddr,
     /// Index of the shard that owns the connection.
     pub shard: usize,
+    /// The connection's identity: what other threads address messages to
+    /// (`ShardSender::send`), delivered by [`Connection::on_message`].
+    pub id: ConnId,
     /// The client's certificate chain, leaf first (mutual TLS only).
     pub peer_certificates: Option<&'a [CertificateDer<'static>]>,
     pub tls_version: Option<ProtocolVersion>,
@@ -54,12 +59,20 @@ pub enum CloseReason {
 /// The application side of one connection: a sans-IO state machine fed with
 /// plaintext and asked for plaintext.
 pub trait Connection: 'static {
+    /// What other threads (the control plane) send to this connection
+    /// through the runtime's `ShardSender`.
+    type Message: Send + 'static;
+
     /// Plaintext received from the peer. Returns how many bytes were consumed;
     /// the runtime keeps the rest (an incomplete frame) and presents it again,
     /// followed by newer bytes, on the next call.
     fn on_data(&mut self, now: Instant, data: &[u8]) -> usize;
     /// Called when the deadline from [`Connection::poll_timeout`] has passed.
     fn on_timeout(&mut self, now: Instant);
+    /// A message addressed to this connection's [`ConnId`]. Afterwards the
+    /// runtime sends what the application queued, re-arms its deadline and
+    /// closes the connection if it is closed, as after `on_data`.
+    fn on_message(&mut self, now: Instant, msg: Self::Message);
     /// The gateway is shutting down: queue any goodbye (e.g. CoAP Release)
     /// and close.
     fn on_shutdown(&mut self, now: Instant);
@@ -85,7 +98,22 @@ pub trait Service: 'static {
 pub struct Endpoint {
     pub peer_addr: SocketAddr,
     pub local_addr: SocketAddr,
-    pub shard: usize,
+    /// The shard is `id.shard`.
+    pub id: ConnId,
+}
+
+impl Endpoint {
+    fn info<'a>(&self) -> ConnInfo<'a> {
+        ConnInfo {
+            peer_addr: self.peer_addr,
+            local_addr: self.local_addr,
+            shard: self.id.shard as usize,
+            id: self.id,
+            peer_certificates: None,
+            tls_version: None,
+            cipher_suite: None,
+        }
+    }
 }
 
 /// One connection's transport state. Kept small on purpose: buffers are
@@ -162,15 +190,7 @@ impl<C: Connection> Driver<C> {
         out: &mut Vec<u8>,
     ) {
         if self.tls.is_none() && self.app.is_none() && self.closed.is_none() {
-            let info = ConnInfo {
-                peer_addr: at.peer_addr,
-                local_addr: at.local_addr,
-                shard: at.shard,
-                peer_certificates: None,
-                tls_version: None,
-                cipher_suite: None,
-            };
-            self.app = Some(service.accept(&info, now));
+            self.app = Some(service.accept(&at.info(), now));
             self.flush_plain(now, out);
         }
     }
@@ -223,6 +243,27 @@ impl<C: Connection> Driver<C> {
         if let (Some(app), None) = (self.app.as_mut(), &self.closed) {
             app.on_timeout(now);
             self.flush(service, at, now, out);
+        }
+    }
+
+    /// A message for the application: it acts, then what it queued is sent
+    /// (appended to `out`). Returns false, dropping the message, when there
+    /// is no application to take it (still handshaking, or closed).
+    pub fn on_message<S: Service<Conn = C>>(
+        &mut self,
+        service: &S,
+        at: Endpoint,
+        now: Instant,
+        msg: C::Message,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        match (self.app.as_mut(), &self.closed) {
+            (Some(app), None) => {
+                app.on_message(now, msg);
+                self.flush(service, at, now, out);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -378,12 +419,10 @@ impl<C: Connection> Driver<C> {
                         // Handshake complete: the application starts here so
                         // that the client certificate is known (spec §3.3).
                         let info = ConnInfo {
-                            peer_addr: at.peer_addr,
-                            local_addr: at.local_addr,
-                            shard: at.shard,
                             peer_certificates: tls.peer_certificates(),
                             tls_version: tls.protocol_version(),
                             cipher_suite: tls.negotiated_cipher_suite().map(|s| s.suite()),
+                            ..at.info()
                         };
                         self.app = Some(service.accept(&info, now));
                         // Deliver plaintext that arrived with the handshake's
@@ -496,6 +535,9 @@ mod tests {
     }
 
     impl Connection for LineEcho {
+        /// A line to send; "close" closes instead.
+        type Message = &'static str;
+
         fn on_data(&mut self, _now: Instant, data: &[u8]) -> usize {
             let mut used = 0;
             while let Some(pos) = data[used..].iter().position(|b| *b == b'\n') {
@@ -509,6 +551,13 @@ mod tests {
             used
         }
         fn on_timeout(&mut self, _now: Instant) {}
+        fn on_message(&mut self, _now: Instant, msg: &'static str) {
+            if msg == "close" {
+                self.closed = true;
+            } else {
+                self.out.extend_from_slice(msg.as_bytes());
+            }
+        }
         fn on_shutdown(&mut self, _now: Instant) {
             self.out.extend_from_slice(b"shutdown\n");
             self.closed = true;
@@ -568,7 +617,11 @@ mod tests {
         Endpoint {
             peer_addr: "127.0.0.1:1".parse().unwrap(),
             local_addr: "127.0.0.1:2".parse().unwrap(),
-            shard: 0,
+            id: crate::ConnId {
+                shard: 0,
+                slot: 0,
+                generation: 1,
+            },
         }
     }
 
@@ -673,6 +726,44 @@ mod tests {
         p.client.process_new_packets().unwrap();
         assert_eq!(p.read_plain(), b"shutdown\n");
         assert!(p.driver.closed().is_some());
+    }
+
+    #[test]
+    fn a_message_is_sent_encrypted_and_can_close_the_connection() {
+        let mut p = Pair::new();
+        let mut out = Vec::new();
+        assert!(
+            !p.driver
+                .on_message(&Greeter, endpoint(), p.now, "early\n", &mut out),
+            "no application while handshaking: dropped"
+        );
+        p.pump(usize::MAX);
+        p.read_plain();
+        assert!(p
+            .driver
+            .on_message(&Greeter, endpoint(), p.now, "from the hub\n", &mut out));
+        let mut rd = &out[..];
+        while !rd.is_empty() {
+            p.client.read_tls(&mut rd).unwrap();
+        }
+        p.client.process_new_packets().unwrap();
+        assert_eq!(p.read_plain(), b"from the hub\n");
+
+        out.clear();
+        assert!(p
+            .driver
+            .on_message(&Greeter, endpoint(), p.now, "close", &mut out));
+        assert_eq!(p.driver.closed(), Some(&CloseReason::Local));
+        let mut rd = &out[..];
+        while !rd.is_empty() {
+            p.client.read_tls(&mut rd).unwrap();
+        }
+        assert!(p.client.process_new_packets().unwrap().peer_has_closed());
+        assert!(
+            !p.driver
+                .on_message(&Greeter, endpoint(), p.now, "late\n", &mut out),
+            "closed: dropped"
+        );
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! It moves bytes: accepts connections on SO_REUSEPORT listeners (one per
 //! shard), drives TLS, hands plaintext to an application [`Connection`] and
 //! sends what it answers, keeps each shard's connections and timers. It
+//! delivers messages from other threads to one connection on its shard
+//! ([`ShardSender`], [`ConnId`], [`Connection::on_message`]). It
 //! knows nothing of CoAP (ARCHITECTURE.md: `shards` moves bytes, `coap`
 //! frames them, `session` decides).
 
@@ -11,8 +13,10 @@
 #![allow(clippy::disallowed_methods)]
 
 mod driver;
+mod message;
 mod runtime;
 pub mod system;
 
 pub use driver::{CloseReason, ConnInfo, Connection, Driver, Endpoint, Service};
+pub use message::{ConnId, ParseConnIdError, SendError, ShardSender};
 pub use runtime::{Runtime, RuntimeConfig, ShardStats, StartError};

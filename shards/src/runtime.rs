@@ -7,6 +7,12 @@
 //! plus a socket, and no buffer (reads go into one shard-owned buffer:
 //! glommio's plain `TcpStream` waits for readiness and receives into
 //! whatever buffer `poll_read` is handed at wake-up).
+//!
+//! Messages from other threads reach a connection through one bounded
+//! channel per shard ([`ShardSender`]) and one receive task per shard, which
+//! hands each message to its connection in the slab and wakes that
+//! connection's task to send what the application queued: no channel and no
+//! extra state per connection.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
@@ -27,8 +33,12 @@ use glommio::{LocalExecutorBuilder, Placement};
 use rustls::ServerConfig;
 use slab::Slab;
 
-use crate::driver::{CloseReason, Driver, Endpoint, Service};
+use crate::driver::{CloseReason, Connection, Driver, Endpoint, Service};
+use crate::message::{ConnId, Envelope, ShardSender};
 use crate::system;
+
+/// The message type of a service's connections.
+type MessageOf<S> = <<S as Service>::Conn as Connection>::Message;
 
 /// Runtime settings (the transport part of the gateway's `[coap]` config).
 #[derive(Clone)]
@@ -45,6 +55,10 @@ pub struct RuntimeConfig {
     pub drain_timeout: Duration,
     /// Granularity of the per-shard timer wheel.
     pub tick: Duration,
+    /// Capacity of each shard's inbound message channel
+    /// ([`Runtime::sender`]); a send to a full channel fails with
+    /// `SendError::Full`. At least 1.
+    pub message_capacity: usize,
     /// Setting this starts a graceful shutdown. Give the runtime a flag that
     /// signal handlers already hold, so a signal during start-up is not lost.
     pub shutdown: Arc<AtomicBool>,
@@ -60,6 +74,7 @@ impl RuntimeConfig {
             tls,
             drain_timeout: Duration::from_secs(5),
             tick: Duration::from_millis(50),
+            message_capacity: 65_536,
             shutdown: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -99,22 +114,33 @@ pub struct ShardStats {
     pub handshake_failures: AtomicU64,
     pub rejected_max_connections: AtomicU64,
     pub closed: AtomicU64,
+    /// Messages handed to a connection's `on_message`.
+    pub messages_delivered: AtomicU64,
+    /// Messages for a connection that has closed (or never existed, or was
+    /// still in its TLS handshake): dropped by the shard.
+    pub messages_dropped_closed: AtomicU64,
+    /// Sends refused because this shard's channel was full (the message
+    /// went back to the sender as `SendError::Full`).
+    pub messages_rejected_full: AtomicU64,
 }
 
-/// A running set of shards.
-pub struct Runtime {
+/// A running set of shards whose connections take messages of type `M`
+/// (their [`Connection::Message`]).
+pub struct Runtime<M> {
     local_addr: SocketAddr,
     stats: Vec<Arc<ShardStats>>,
     shutdown: Arc<AtomicBool>,
     handles: Vec<std::thread::JoinHandle<()>>,
+    sender: ShardSender<M>,
 }
 
-impl Runtime {
+impl<M: Send + 'static> Runtime<M> {
     /// Binds the listeners and starts the shards. `make_service(shard)` runs
     /// on each shard's thread and builds that shard's [`Service`].
-    pub fn start<S, F>(config: RuntimeConfig, make_service: F) -> Result<Runtime, StartError>
+    pub fn start<S, F>(config: RuntimeConfig, make_service: F) -> Result<Runtime<M>, StartError>
     where
         S: Service,
+        S::Conn: Connection<Message = M>,
         F: Fn(usize) -> S + Send + Sync + 'static,
     {
         system::raise_memlock_limit();
@@ -127,6 +153,14 @@ impl Runtime {
         let stats: Vec<Arc<ShardStats>> = (0..shards)
             .map(|_| Arc::new(ShardStats::default()))
             .collect();
+        let (inboxes, receivers): (Vec<_>, Vec<_>) = stats
+            .iter()
+            .map(|stats| {
+                let (tx, rx) = flume::bounded::<Envelope<M>>(config.message_capacity.max(1));
+                ((tx, stats.clone()), rx)
+            })
+            .unzip();
+        let sender = ShardSender::new(inboxes);
         let shutdown = config.shutdown.clone();
         let total = Arc::new(AtomicUsize::new(0));
         let make_service = Arc::new(make_service);
@@ -137,7 +171,7 @@ impl Runtime {
 
         let mut handles = Vec::with_capacity(shards);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-        for (index, socket) in sockets.into_iter().enumerate() {
+        for (index, (socket, inbox)) in sockets.into_iter().zip(receivers).enumerate() {
             let shared = SharedState {
                 config: config.clone(),
                 stats: stats[index].clone(),
@@ -155,7 +189,7 @@ impl Runtime {
             let spawned = builder.spawn(move || async move {
                 let _ = ready.send(Ok(()));
                 let service = make_service(index);
-                run_shard(index, socket, service, shared).await;
+                run_shard(index, socket, service, shared, inbox).await;
             });
             let failed = ready_tx.clone();
             match spawned {
@@ -200,7 +234,13 @@ impl Runtime {
             stats,
             shutdown,
             handles,
+            sender,
         })
+    }
+
+    /// Sends messages to connections (by [`ConnId`]) from any thread.
+    pub fn sender(&self) -> ShardSender<M> {
+        self.sender.clone()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -318,6 +358,8 @@ struct Shard<S: Service> {
     slots: RefCell<Slab<Box<Slot<S::Conn>>>>,
     timers: RefCell<BTreeSet<(Instant, usize)>>,
     draining: Cell<bool>,
+    /// Generation of the next accepted connection (see [`ConnId`]).
+    next_generation: Cell<u32>,
     /// One read buffer for every connection of the shard.
     rx: RefCell<Vec<u8>>,
     /// Scratch for TLS output before it is written to a socket.
@@ -329,12 +371,15 @@ const RX_BUFFER: usize = 64 * 1024;
 const LINGER: Duration = Duration::from_secs(2);
 /// Reads per wake-up before the task yields to others (fairness).
 const READ_BUDGET: usize = 16;
+/// Messages handled per wake-up of the receive task before it yields.
+const MESSAGE_BUDGET: usize = 256;
 
 async fn run_shard<S: Service>(
     index: usize,
     socket: socket2::Socket,
     service: S,
     shared: SharedState,
+    inbox: flume::Receiver<Envelope<MessageOf<S>>>,
 ) {
     // SAFETY: the fd comes from a socket we own and just bound/listened;
     // ownership moves into the glommio listener.
@@ -347,11 +392,21 @@ async fn run_shard<S: Service>(
         slots: RefCell::new(Slab::new()),
         timers: RefCell::new(BTreeSet::new()),
         draining: Cell::new(false),
+        next_generation: Cell::new(1),
         rx: RefCell::new(vec![0; RX_BUFFER]),
         tx: RefCell::new(Vec::new()),
     });
 
     let acceptor = glommio::spawn_local(accept_loop(shard.clone(), listener)).detach();
+    // The receive task ends when the shard stops (the stop channel's sender
+    // is dropped), so the inbox is dropped and senders see `Stopped`.
+    let (stop_messages, stopped) = flume::bounded::<()>(1);
+    let messages = glommio::spawn_local(futures_lite::future::or(
+        message_loop(shard.clone(), inbox),
+        async move {
+            let _ = stopped.recv_async().await;
+        },
+    ));
 
     // The timer wheel: one tick task per shard fires expired deadlines and
     // watches for the shutdown flag.
@@ -378,7 +433,92 @@ async fn run_shard<S: Service>(
             }
         }
     }
+    drop(stop_messages);
+    messages.await;
     tracing::debug!(shard = index, "shard stopped");
+}
+
+/// The shard's receive task: waits for a message, then drains the channel
+/// without waiting (batches: a cross-thread wake-up costs far more than a
+/// message, FIELD-NOTES.md "flume"). Ends when every sender is gone.
+async fn message_loop<S: Service>(
+    shard: Rc<Shard<S>>,
+    inbox: flume::Receiver<Envelope<MessageOf<S>>>,
+) {
+    while let Ok(first) = inbox.recv_async().await {
+        let now = Instant::now();
+        let mut delivered = 0;
+        let mut dropped = 0;
+        let mut handled = 0;
+        {
+            let mut slots = shard.slots.borrow_mut();
+            let mut next = Some(first);
+            while let Some((to, msg)) = next {
+                if deliver_message(&shard, &mut slots, now, to, msg) {
+                    delivered += 1;
+                } else {
+                    dropped += 1;
+                }
+                handled += 1;
+                next = if handled < MESSAGE_BUDGET {
+                    inbox.try_recv().ok()
+                } else {
+                    None
+                };
+            }
+        }
+        let stats = &shard.shared.stats;
+        if delivered > 0 {
+            stats
+                .messages_delivered
+                .fetch_add(delivered, Ordering::Relaxed);
+        }
+        if dropped > 0 {
+            stats
+                .messages_dropped_closed
+                .fetch_add(dropped, Ordering::Relaxed);
+        }
+        if handled >= MESSAGE_BUDGET {
+            // More may be waiting: let the connections run first.
+            futures_lite::future::yield_now().await;
+        }
+    }
+}
+
+/// Hands one message to its connection if it is still the one addressed
+/// (same slot *and* generation); its output joins the bytes the connection's
+/// task sends next, and that task is woken to send them, re-arm the
+/// deadline and close the connection if the application closed it.
+fn deliver_message<S: Service>(
+    shard: &Shard<S>,
+    slots: &mut Slab<Box<Slot<S::Conn>>>,
+    now: Instant,
+    to: ConnId,
+    msg: MessageOf<S>,
+) -> bool {
+    let Some(slot) = usize::try_from(to.slot)
+        .ok()
+        .and_then(|key| slots.get_mut(key))
+    else {
+        return false;
+    };
+    if slot.endpoint.id != to {
+        return false;
+    }
+    let slot = &mut **slot;
+    let delivered = slot.driver.on_message(
+        &shard.service,
+        slot.endpoint,
+        now,
+        msg,
+        &mut slot.pending_tx,
+    );
+    if delivered {
+        if let Some(w) = slot.waker.as_ref() {
+            w.wake_by_ref();
+        }
+    }
+    delivered
 }
 
 fn fire_timers<S: Service>(shard: &Shard<S>, now: Instant) {
@@ -454,17 +594,26 @@ async fn accept_loop<S: Service>(shard: Rc<Shard<S>>, listener: TcpListener) {
             None => Driver::plain(),
         };
         let now = Instant::now();
-        let endpoint = Endpoint {
-            peer_addr,
-            local_addr,
-            shard: shard.index,
-        };
         let handshake_deadline = shared
             .config
             .tls
             .as_ref()
             .map(|_| now + shared.config.handshake_timeout);
-        let key = shard.slots.borrow_mut().insert(Box::new(Slot {
+        let generation = shard.next_generation.get();
+        shard.next_generation.set(generation.wrapping_add(1));
+        let mut slots = shard.slots.borrow_mut();
+        let entry = slots.vacant_entry();
+        let key = entry.key();
+        let endpoint = Endpoint {
+            peer_addr,
+            local_addr,
+            id: ConnId {
+                shard: shard.index as u32,
+                slot: key as u32,
+                generation,
+            },
+        };
+        entry.insert(Box::new(Slot {
             stream,
             driver,
             endpoint,
@@ -476,6 +625,7 @@ async fn accept_loop<S: Service>(shard: Rc<Shard<S>>, listener: TcpListener) {
             shutdown_seen: false,
             waker: None,
         }));
+        drop(slots);
         shared.stats.active.fetch_add(1, Ordering::Relaxed);
         glommio::spawn_local(ConnTask {
             shard: shard.clone(),
@@ -704,5 +854,52 @@ fn fd_stream_shutdown(stream: &TcpStream) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An idle connection's task stays three words: messages reach it
+    /// through the shard's one channel, not a channel of its own
+    /// (ARCHITECTURE.md "Memory per connection").
+    #[test]
+    fn the_connection_task_stays_tiny() {
+        struct Idle;
+        impl Connection for Idle {
+            type Message = String;
+            fn on_data(&mut self, _: Instant, _: &[u8]) -> usize {
+                0
+            }
+            fn on_timeout(&mut self, _: Instant) {}
+            fn on_message(&mut self, _: Instant, _: String) {}
+            fn on_shutdown(&mut self, _: Instant) {}
+            fn poll_transmit(&mut self, _: &mut Vec<u8>) -> bool {
+                false
+            }
+            fn poll_timeout(&self) -> Option<Instant> {
+                None
+            }
+            fn is_closed(&self) -> bool {
+                false
+            }
+            fn on_closed(&mut self, _: Instant, _: &CloseReason) {}
+        }
+        struct Idles;
+        impl Service for Idles {
+            type Conn = Idle;
+            fn accept(&self, _: &crate::ConnInfo<'_>, _: Instant) -> Idle {
+                Idle
+            }
+        }
+        assert!(std::mem::size_of::<ConnTask<Idles>>() <= 3 * std::mem::size_of::<usize>());
+        // The ConnId lives in the endpoint: two socket addresses and 12
+        // bytes, where the shard index used to be.
+        assert!(
+            std::mem::size_of::<Endpoint>() <= 2 * std::mem::size_of::<SocketAddr>() + 12,
+            "{}",
+            std::mem::size_of::<Endpoint>()
+        );
     }
 }

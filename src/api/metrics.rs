@@ -26,7 +26,7 @@ impl ShardMetrics {
 type Read = fn(&ShardStats) -> u64;
 
 /// (name, help, read); the `_total` suffix is added by the encoder.
-const COUNTERS: [(&str, &str, Read); 5] = [
+const COUNTERS: [(&str, &str, Read); 8] = [
     ("connections_accepted", "TCP connections accepted", |s| {
         s.accepted.load(Ordering::Relaxed)
     }),
@@ -46,6 +46,21 @@ const COUNTERS: [(&str, &str, Read); 5] = [
     ("connections_closed", "connections closed", |s| {
         s.closed.load(Ordering::Relaxed)
     }),
+    (
+        "messages_delivered",
+        "control-plane messages delivered to a connection",
+        |s| s.messages_delivered.load(Ordering::Relaxed),
+    ),
+    (
+        "messages_dropped_closed",
+        "control-plane messages dropped: the connection was gone or not yet open",
+        |s| s.messages_dropped_closed.load(Ordering::Relaxed),
+    ),
+    (
+        "messages_rejected_full",
+        "control-plane messages refused because the shard's channel was full",
+        |s| s.messages_rejected_full.load(Ordering::Relaxed),
+    ),
 ];
 
 impl Collector for ShardMetrics {

@@ -56,6 +56,9 @@ pub enum CloseReason {
     Unauthorized,
     /// The gateway is shutting down (we sent Release).
     Shutdown,
+    /// The hub asked to disconnect the device (e.g. it was removed); the
+    /// reason is the hub's.
+    ClosedByHub(String),
     /// The transport went away.
     Transport(String),
 }
@@ -192,6 +195,15 @@ impl Session {
             let token = self.next_token();
             signal::write_release(&mut self.out, &token);
             self.closed = Some(CloseReason::Shutdown);
+        }
+    }
+
+    /// Close from the server side at the hub's request: nothing more is sent
+    /// (no response, no Release); queued bytes still go out first.
+    pub fn close(&mut self, reason: String) {
+        if self.closed.is_none() {
+            tracing::debug!(%reason, "closing at the hub's request");
+            self.closed = Some(CloseReason::ClosedByHub(reason));
         }
     }
 

@@ -71,7 +71,7 @@ impl TestPki {
 
 /// Starts a gateway in this process; it stops when dropped.
 pub struct TestGateway {
-    pub runtime: Option<shards::Runtime>,
+    pub runtime: Option<shards::Runtime<coap_gateway::gateway::GatewayMessage>>,
     pub addr: SocketAddr,
 }
 
