@@ -49,6 +49,33 @@ fn wait_for_port(port: u16, child: &mut Child) {
     }
 }
 
+/// `certs device` as a user runs it (CA in `data/pki`), then a TLS device
+/// with that certificate connected to the gateway on `port`.
+fn device_with_cli_certificate(dir: &Path, port: u16) -> TestDevice {
+    let status = Command::new(BIN)
+        .current_dir(dir)
+        .args([
+            "certs",
+            "device",
+            "--ca",
+            "data/pki",
+            "--out",
+            "data/devices",
+        ])
+        .args(["--device-id", common::DEVICE_ID])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let d = dir.join("data/devices");
+    let client = coap_gateway::auth::tls::client_config(
+        &dir.join("data/pki/ca.pem"),
+        Some((&d.join("device.pem"), &d.join("device-key.pem"))),
+    )
+    .unwrap();
+    TestDevice::connect_tls(([127, 0, 0, 1], port).into(), client).unwrap()
+}
+
 fn sigterm(child: &Child) {
     let ok = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -86,27 +113,7 @@ fn first_start_creates_the_dev_pki_serves_and_stops_cleanly_on_sigterm() {
     }
 
     // A device certificate from the printed command, then a real device.
-    let status = Command::new(BIN)
-        .current_dir(dir.path())
-        .args([
-            "certs",
-            "device",
-            "--ca",
-            "data/pki",
-            "--out",
-            "data/devices",
-        ])
-        .args(["--device-id", common::DEVICE_ID])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let d = dir.path().join("data/devices");
-    let client = coap_gateway::auth::tls::client_config(
-        &dir.path().join("data/pki/ca.pem"),
-        Some((&d.join("device.pem"), &d.join("device-key.pem"))),
-    )
-    .unwrap();
-    let mut dev = TestDevice::connect_tls(([127, 0, 0, 1], port).into(), client).unwrap();
+    let mut dev = device_with_cli_certificate(dir.path(), port);
     assert_eq!(dev.recv().unwrap().code, Code::CSM);
 
     // SIGTERM: Release to the device, then exit 0.
@@ -278,28 +285,7 @@ fn http_api_serves_health_readiness_and_metrics() {
     assert_eq!(get("/readyz").0, 200);
 
     // One device connects: the metrics count it on its shard.
-    let d = dir.path().join("data/devices");
-    let status = Command::new(BIN)
-        .current_dir(dir.path())
-        .args([
-            "certs",
-            "device",
-            "--ca",
-            "data/pki",
-            "--out",
-            "data/devices",
-        ])
-        .args(["--device-id", common::DEVICE_ID])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let client = coap_gateway::auth::tls::client_config(
-        &dir.path().join("data/pki/ca.pem"),
-        Some((&d.join("device.pem"), &d.join("device-key.pem"))),
-    )
-    .unwrap();
-    let mut dev = TestDevice::connect_tls(([127, 0, 0, 1], port).into(), client).unwrap();
+    let mut dev = device_with_cli_certificate(dir.path(), port);
     assert_eq!(dev.recv().unwrap().code, Code::CSM);
     let (status, metrics) = get("/metrics");
     assert_eq!(status, 200);
