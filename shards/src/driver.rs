@@ -710,6 +710,9 @@ mod tests {
         assert_eq!(p.read_plain(), b"BYE\n");
         assert_eq!(p.driver.closed(), Some(&CloseReason::Local));
         assert!(p.client.process_new_packets().unwrap().peer_has_closed());
+        // The application heard of the close, with its reason.
+        let app = p.driver.app().expect("app");
+        assert_eq!(app.seen_closed, Some(CloseReason::Local));
     }
 
     #[test]
@@ -726,6 +729,8 @@ mod tests {
         p.client.process_new_packets().unwrap();
         assert_eq!(p.read_plain(), b"shutdown\n");
         assert!(p.driver.closed().is_some());
+        let app = p.driver.app().expect("app");
+        assert_eq!(app.seen_closed.as_ref(), p.driver.closed());
     }
 
     #[test]
