@@ -190,17 +190,55 @@ impl SpawnedGateway {
 
     /// The last lines the gateway wrote to stderr.
     pub fn stderr_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        tail(&std::fs::read_to_string(&self.stderr_path).unwrap_or_default())
     }
 
-    /// Number of lines on the gateway's stderr (warnings and errors).
-    pub fn stderr_lines(&self) -> usize {
-        std::fs::read_to_string(&self.stderr_path)
-            .map(|t| t.lines().count())
-            .unwrap_or(0)
+    /// Whether the gateway still runs and what it wrote to stderr, reading
+    /// its stderr file once.
+    pub fn health(&mut self) -> Health {
+        let text = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
+        Health {
+            running: self.is_running(),
+            stderr_lines: text.lines().count(),
+            stderr_tail: tail(&text),
+        }
     }
+}
+
+/// The spawned gateway's state at the end of a run.
+pub struct Health {
+    pub running: bool,
+    /// Lines on its stderr (warnings and errors).
+    pub stderr_lines: usize,
+    /// The last of them.
+    pub stderr_tail: String,
+}
+
+impl Health {
+    /// Prints the gateway's stderr lines, if it wrote any.
+    pub fn report_stderr(&self) {
+        if self.stderr_lines > 0 {
+            println!(
+                "  the gateway wrote {} line(s) to stderr; last ones:\n{}",
+                self.stderr_lines, self.stderr_tail
+            );
+        }
+    }
+
+    /// An error when the gateway died during the run.
+    pub fn died(&self) -> Option<String> {
+        (!self.running).then(|| {
+            format!(
+                "the gateway died during the run; its stderr:\n{}",
+                self.stderr_tail
+            )
+        })
+    }
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 impl Drop for SpawnedGateway {

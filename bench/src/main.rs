@@ -572,29 +572,16 @@ fn connect_scenario(cli: &Cli, ctx: &Context) -> Result<Value, Failure> {
     let base_failures = base.failures.load(Ordering::Relaxed);
     drop(base);
     let rss = pid.and_then(|p| procfs::vm_rss_bytes(p).ok());
-    let (alive, stderr_lines, stderr_tail) = match target.spawned.as_mut() {
-        Some(g) => (
-            Some(g.is_running()),
-            Some(g.stderr_lines()),
-            Some(g.stderr_tail()),
-        ),
-        None => (None, None, None),
-    };
+    let health = target.spawned.as_mut().map(|g| g.health());
     drop(target);
 
     print_run("gateway", &gw, "gateway process");
-    if let Some(lines) = stderr_lines.filter(|&n| n > 0) {
-        println!(
-            "  the gateway wrote {lines} line(s) to stderr; last ones:\n{}",
-            stderr_tail.as_deref().unwrap_or("")
-        );
+    if let Some(h) = &health {
+        h.report_stderr();
     }
     print_run("baseline (bare rustls, 1 thread)", &bl, "server thread");
-    if alive == Some(false) {
-        return Err(Failure::Runtime(format!(
-            "the gateway died during the run; its stderr:\n{}",
-            stderr_tail.unwrap_or_default()
-        )));
+    if let Some(died) = health.as_ref().and_then(|h| h.died()) {
+        return Err(Failure::Runtime(died));
     }
     let ratio = match (gw.per_cpu_second(), bl.per_cpu_second()) {
         (Some(g), Some(b)) if b > 0.0 => Some(g / b),
@@ -637,7 +624,7 @@ fn connect_scenario(cli: &Cli, ctx: &Context) -> Result<Value, Failure> {
             "handshakes_per_cpu_s": gw.per_cpu_second().map(|r| round(r, 1)),
             "bytes_per_device": Value::Null,
             "idle_cpu_fraction": idle_cpu_fraction,
-            "stderr_lines": stderr_lines,
+            "stderr_lines": health.as_ref().map(|h| h.stderr_lines),
         },
         "baseline": merge(
             bl.summary("handshakes_per_cpu_s"),
@@ -740,14 +727,7 @@ fn idle_scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fai
     // allocator need not give freed memory back, so this is no leak test).
     sleep_unless(Duration::from_secs(2), &ctx.interrupted);
     let rss_after_close = rss(procfs::vm_rss_bytes);
-    let (alive, stderr_lines, stderr_tail) = match target.spawned.as_mut() {
-        Some(g) => (
-            Some(g.is_running()),
-            Some(g.stderr_lines()),
-            Some(g.stderr_tail()),
-        ),
-        None => (None, None, None),
-    };
+    let health = target.spawned.as_mut().map(|g| g.health());
     drop(target);
 
     let per_device = |before: Option<u64>, after: Option<u64>| match (before, after) {
@@ -808,17 +788,11 @@ fn idle_scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fai
     for e in &threads.errors.samples {
         println!("  error: {e}");
     }
-    if let Some(lines) = stderr_lines.filter(|&n| n > 0) {
-        println!(
-            "  the gateway wrote {lines} line(s) to stderr; last ones:\n{}",
-            stderr_tail.as_deref().unwrap_or("")
-        );
+    if let Some(h) = &health {
+        h.report_stderr();
     }
-    if alive == Some(false) {
-        return Err(Failure::Runtime(format!(
-            "the gateway died during the run; its stderr:\n{}",
-            stderr_tail.unwrap_or_default()
-        )));
+    if let Some(died) = health.as_ref().and_then(|h| h.died()) {
+        return Err(Failure::Runtime(died));
     }
     if connected == 0 {
         return Err(Failure::Runtime("no device could connect".into()));
@@ -844,7 +818,7 @@ fn idle_scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fai
             "bytes_per_device": bytes_per_device,
             "bytes_per_device_from_startup": bytes_from_startup,
             "anon_bytes_per_device": anon_per_device,
-            "stderr_lines": stderr_lines,
+            "stderr_lines": health.as_ref().map(|h| h.stderr_lines),
         },
         "baseline": Value::Null,
         "idle": {
