@@ -26,6 +26,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toml::{Table, Value};
 
+use crate::auth::jwt::AuthorizationMode;
 use crate::auth::ClientAuth;
 
 /// Environment variables whose name starts with this override config keys:
@@ -92,6 +93,9 @@ pub struct Config {
     /// `[authority]`
     #[serde(default)]
     pub authority: AuthorityConfig,
+    /// `[authorization]`, with `[[authorization.providers]]`
+    #[serde(default)]
+    pub authorization: AuthorizationConfig,
 }
 
 /// `[log]`: what is logged and how (logs go to stderr).
@@ -343,6 +347,12 @@ pub struct HubConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthorityConfig {
+    /// Whether the embedded authority runs (issues codes and tokens, is the
+    /// provider `provider_name`). Default `true`.
+    pub enabled: bool,
+    /// The `authprovider` name devices send to sign up with it (spec §5.2).
+    /// Default `plgd`, what IoTivity-Lite's examples send.
+    pub provider_name: String,
     /// Lifetime of the access tokens it issues. Default `1h`.
     #[serde(with = "humantime_serde")]
     pub access_token_ttl: Duration,
@@ -359,6 +369,8 @@ pub struct AuthorityConfig {
 impl Default for AuthorityConfig {
     fn default() -> Self {
         Self {
+            enabled: true,
+            provider_name: crate::auth::provider::DEFAULT_EMBEDDED_PROVIDER.to_owned(),
             access_token_ttl: Duration::from_secs(3600),
             code_ttl: Duration::from_secs(600),
             key_file: PathBuf::new(),
@@ -369,6 +381,12 @@ impl Default for AuthorityConfig {
 
 impl AuthorityConfig {
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.enabled && self.provider_name.trim().is_empty() {
+            return Err(invalid(
+                "authority.provider_name",
+                "must not be empty (devices name it in `authprovider`, e.g. \"plgd\")",
+            ));
+        }
         if self.access_token_ttl < Duration::from_secs(1) {
             return Err(invalid(
                 "authority.access_token_ttl",
@@ -379,6 +397,159 @@ impl AuthorityConfig {
             return Err(invalid(
                 "authority.code_ttl",
                 "must be at least 1s (e.g. \"10m\")",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[authorization]`: how device access tokens are checked (spec §4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthorizationConfig {
+    /// `device-id-claim` or `valid-token` (spec §4.4). Default
+    /// `device-id-claim`.
+    pub mode: AuthorizationMode,
+    /// Claim holding the device ID. Default `https://plgd.dev/deviceId`.
+    pub device_id_claim: String,
+    /// Claim holding the owner. Default `sub`.
+    pub owner_claim: String,
+    /// The spec's `ownerCacheExpiration`: sign-in needs 2× this much token
+    /// lifetime left, and the session ends 2× this before `exp` (§4.7).
+    /// Default `1m`.
+    #[serde(with = "humantime_serde")]
+    pub owner_cache_expiration: Duration,
+    /// Required `iss`; empty = the embedded authority's issuer (or any
+    /// issuer whose key is in `jwks_url`'s set).
+    pub issuer: String,
+    /// Required `aud` member; empty = not checked.
+    pub audience: String,
+    /// Where the token issuer's keys are: a JWKS URL or an OpenID issuer
+    /// (its `/.well-known/openid-configuration` names `jwks_uri`). Empty =
+    /// the embedded authority's keys.
+    pub jwks_url: String,
+    /// How often the keys from `jwks_url` are fetched again. Default `5m`.
+    #[serde(with = "humantime_serde")]
+    pub jwks_refresh: Duration,
+    /// External OAuth2 providers devices may name in `authprovider`.
+    pub providers: Vec<OAuthProviderConfig>,
+}
+
+impl Default for AuthorizationConfig {
+    fn default() -> Self {
+        Self {
+            mode: AuthorizationMode::DeviceIdClaim,
+            device_id_claim: crate::auth::jwt::DEFAULT_DEVICE_ID_CLAIM.to_owned(),
+            owner_claim: crate::auth::jwt::DEFAULT_OWNER_CLAIM.to_owned(),
+            owner_cache_expiration: Duration::from_secs(60),
+            issuer: String::new(),
+            audience: String::new(),
+            jwks_url: String::new(),
+            jwks_refresh: Duration::from_secs(300),
+            providers: Vec::new(),
+        }
+    }
+}
+
+impl AuthorizationConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.owner_claim.trim().is_empty() {
+            return Err(invalid(
+                "authorization.owner_claim",
+                "must not be empty (e.g. \"sub\")",
+            ));
+        }
+        if self.mode == AuthorizationMode::DeviceIdClaim && self.device_id_claim.trim().is_empty() {
+            return Err(invalid(
+                "authorization.device_id_claim",
+                "must not be empty with mode = \"device-id-claim\" (or use mode = \"valid-token\")",
+            ));
+        }
+        if self.owner_cache_expiration < Duration::from_secs(1) {
+            return Err(invalid(
+                "authorization.owner_cache_expiration",
+                "must be at least 1s (e.g. \"1m\")",
+            ));
+        }
+        if self.jwks_refresh < Duration::from_secs(1) {
+            return Err(invalid(
+                "authorization.jwks_refresh",
+                "must be at least 1s (e.g. \"5m\")",
+            ));
+        }
+        if !self.jwks_url.is_empty()
+            && !(self.jwks_url.starts_with("http://") || self.jwks_url.starts_with("https://"))
+        {
+            return Err(invalid(
+                "authorization.jwks_url",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for p in &self.providers {
+            p.validate()?;
+            if !names.insert(p.name.as_str()) {
+                return Err(invalid(
+                    "authorization.providers",
+                    format!("provider name `{}` appears twice", p.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One `[[authorization.providers]]`: an external OAuth2 token endpoint
+/// (spec §4.8, grant types `authorization_code` and `refresh_token`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OAuthProviderConfig {
+    /// The `authprovider` value devices send.
+    pub name: String,
+    /// The token endpoint, e.g. `https://auth.example.com/oauth/token`.
+    pub token_url: String,
+    pub client_id: String,
+    /// File holding the client secret (trailing newline ignored); empty =
+    /// public client.
+    pub client_secret_file: PathBuf,
+    /// `redirect_uri` sent with the code, when the provider wants one.
+    pub redirect_url: String,
+    /// `scope` values sent with the code.
+    pub scopes: Vec<String>,
+    /// Bound on one token-endpoint call. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for OAuthProviderConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            token_url: String::new(),
+            client_id: String::new(),
+            client_secret_file: PathBuf::new(),
+            redirect_url: String::new(),
+            scopes: Vec::new(),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl OAuthProviderConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.name.trim().is_empty() {
+            return Err(invalid("authorization.providers.name", "must not be empty"));
+        }
+        if !(self.token_url.starts_with("http://") || self.token_url.starts_with("https://")) {
+            return Err(invalid(
+                "authorization.providers.token_url",
+                format!("provider `{}`: must be an http:// or https:// URL", self.name),
+            ));
+        }
+        if self.timeout < Duration::from_millis(1) {
+            return Err(invalid(
+                "authorization.providers.timeout",
+                "must be more than 0",
             ));
         }
         Ok(())
@@ -497,6 +668,7 @@ impl Default for Config {
             hub: HubConfig::default(),
             api: ApiConfig::default(),
             authority: AuthorityConfig::default(),
+            authorization: AuthorizationConfig::default(),
         };
         config.fill_derived_paths();
         config
@@ -515,6 +687,7 @@ impl Config {
             },
             api: ApiConfig::default(),
             authority: AuthorityConfig::default(),
+            authorization: AuthorizationConfig::default(),
         };
         config.fill_derived_paths();
         config
@@ -561,7 +734,36 @@ impl Config {
         self.log.validate()?;
         self.coap.validate()?;
         self.hub.validate()?;
-        self.authority.validate()
+        self.authority.validate()?;
+        self.authorization.validate()?;
+        if !self.authority.enabled
+            && self.authorization.providers.is_empty()
+        {
+            return Err(invalid(
+                "authorization.providers",
+                "with authority.enabled = false, configure at least one [[authorization.providers]] so devices can sign up",
+            ));
+        }
+        if !self.authority.enabled && self.authorization.jwks_url.is_empty() {
+            return Err(invalid(
+                "authorization.jwks_url",
+                "with authority.enabled = false, set the key set (or OpenID discovery) URL of the token issuer",
+            ));
+        }
+        let embedded = self.authority.enabled.then_some(self.authority.provider_name.as_str());
+        if let Some(dup) = self
+            .authorization
+            .providers
+            .iter()
+            .map(|p| p.name.as_str())
+            .find(|name| Some(*name) == embedded)
+        {
+            return Err(invalid(
+                "authorization.providers",
+                format!("provider name `{dup}` is already the embedded authority's (authority.provider_name)"),
+            ));
+        }
+        Ok(())
     }
 
     /// The authority's signing key file in force (`authority.key_file`, or

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod coap;
 pub mod config;
 pub mod gateway;
+pub mod hub;
 pub mod ocf;
 pub mod server;
 pub mod session;

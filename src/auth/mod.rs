@@ -25,6 +25,7 @@ pub mod identity;
 pub mod jwks;
 pub mod jwt;
 pub mod pki;
+pub mod provider;
 pub mod tls;
 pub mod verifier;
 

@@ -1,0 +1,260 @@
+//! The hub boundary (ARCHITECTURE.md): what the gateway remembers about
+//! devices and owners, behind the [`Hub`] trait, so that everything above
+//! it is the same whichever back end runs it.
+//!
+//! What is here today (the protocol issue): the device registry (device →
+//! owner, spec §4.5 `AddDevice`/`DeleteDevices`), published resource links
+//! (spec §5.7–§5.9), connection status (spec §8.1/§8.2, ONLINE/OFFLINE with
+//! the connection that went online), and the device → connection routing
+//! that lets the hub disconnect a device (spec §4.9, checklist item 32) and
+//! a second sign-in close the older connection (spec §14 item 13).
+//!
+//! [`memory::MemoryHub`] keeps it in memory. The durable embedded hub
+//! (redb) and the NATS JetStream hub implement the same trait.
+
+pub mod memory;
+
+use std::borrow::Cow;
+use std::fmt;
+
+use crate::ocf::rd::{Endpoint, Link, Policy};
+
+pub use memory::MemoryHub;
+
+/// Who acts: the authorization context of a connection (spec §4.6), carried
+/// by every change a device makes, so each change in the hub is
+/// attributable to the token that signed the device in.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AuthContext {
+    /// The owner (the token's owner claim, equal to the device's `uid`).
+    pub owner: String,
+    /// The resolved device ID (spec §4.3).
+    pub device_id: String,
+    /// The token's `sub`, when it has one.
+    pub subject: Option<String>,
+    /// The token's `jti`, when it has one.
+    pub token_id: Option<String>,
+}
+
+/// Identifies one device connection to the hub: opaque to the hub, made by
+/// the transport (shard, slot and generation packed in a `u64`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionRef(pub u64);
+
+/// The transport side of the hub: closes a device connection (device
+/// deleted, newer sign-in of the same device). Implemented by the gateway
+/// on top of the shards' message channels.
+pub trait Connections: Send + Sync {
+    fn close(&self, connection: ConnectionRef, reason: &str);
+}
+
+/// spec §8.1 `connection.protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// CoAP over TLS over TCP.
+    CoapsTcp,
+    /// CoAP over plain TCP.
+    CoapTcp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::CoapsTcp => "COAPS_TCP",
+            Protocol::CoapTcp => "COAP_TCP",
+        }
+    }
+}
+
+/// spec §8: a device's connection as the hub shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConnectionStatus {
+    pub online: bool,
+    /// Sign-in time, Unix nanoseconds (kept when the device goes offline).
+    pub connected_at_ns: u64,
+    pub protocol: Option<Protocol>,
+    /// This gateway process's random ID (spec §8.1 `service_id`).
+    pub service_id: String,
+    /// `ip:port` of the device as the gateway sees it (spec §8.3).
+    pub connection_id: String,
+    /// `eps[].ep` of the device's `/oic/d` link (spec §8.1).
+    pub local_endpoints: Vec<String>,
+}
+
+/// One registered device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    pub device_id: String,
+    pub owner: String,
+    pub status: ConnectionStatus,
+}
+
+/// ONLINE (spec §8.1): what the session knows at sign-in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Online {
+    pub connection: ConnectionRef,
+    pub connected_at_ns: u64,
+    pub protocol: Protocol,
+    pub service_id: String,
+    pub connection_id: String,
+}
+
+/// A published link as the hub keeps it (spec §5.7, normalised).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StoredLink {
+    pub href: String,
+    pub device_id: String,
+    pub instance_id: i64,
+    pub resource_types: Option<Vec<String>>,
+    pub interfaces: Option<Vec<String>>,
+    pub policy: Option<Policy>,
+    pub endpoints: Option<Vec<(String, Option<u64>)>>,
+    pub anchor: Option<String>,
+    pub title: Option<String>,
+    pub content_types: Option<Vec<String>>,
+    /// Unix seconds after which the link expires (publish `ttl`); `None`
+    /// for no expiry.
+    pub valid_until: Option<u64>,
+}
+
+fn owned(v: &Option<Vec<&str>>) -> Option<Vec<String>> {
+    v.as_ref()
+        .map(|v| v.iter().map(|s| (*s).to_owned()).collect())
+}
+
+fn borrowed(v: &Option<Vec<String>>) -> Option<Vec<&str>> {
+    v.as_ref().map(|v| v.iter().map(String::as_str).collect())
+}
+
+impl StoredLink {
+    pub fn from_link(link: &Link<'_>, valid_until: Option<u64>) -> StoredLink {
+        StoredLink {
+            href: link.href.to_string(),
+            device_id: link.device_id.to_owned(),
+            instance_id: link.instance_id,
+            resource_types: owned(&link.resource_types),
+            interfaces: owned(&link.interfaces),
+            policy: link.policy,
+            endpoints: link.endpoints.as_ref().map(|eps| {
+                eps.iter()
+                    .map(|e| (e.uri.to_owned(), e.priority))
+                    .collect()
+            }),
+            anchor: link.anchor.as_ref().map(|a| a.to_string()),
+            title: link.title.map(str::to_owned),
+            content_types: owned(&link.content_types),
+            valid_until,
+        }
+    }
+
+    /// The link in the codec's borrowed form (for encoding).
+    pub fn as_link(&self) -> Link<'_> {
+        Link {
+            href: Cow::Borrowed(&self.href),
+            resource_types: borrowed(&self.resource_types),
+            interfaces: borrowed(&self.interfaces),
+            policy: self.policy,
+            endpoints: self.endpoints.as_ref().map(|eps| {
+                eps.iter()
+                    .map(|(uri, priority)| Endpoint {
+                        uri,
+                        priority: *priority,
+                    })
+                    .collect()
+            }),
+            anchor: self.anchor.as_deref().map(Cow::Borrowed),
+            device_id: &self.device_id,
+            instance_id: self.instance_id,
+            title: self.title.as_deref(),
+            content_types: borrowed(&self.content_types),
+            id: None,
+        }
+    }
+
+    pub fn has_resource_type(&self, rt: &str) -> bool {
+        self.resource_types
+            .as_ref()
+            .is_some_and(|types| types.iter().any(|t| t == rt))
+    }
+}
+
+/// Why the hub refused. The CoAP code follows spec §5.12 (the gRPC codes of
+/// the reference's back end) and the transient rule of spec §5.0.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HubError {
+    /// gRPC InvalidArgument → 4.00.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// gRPC PermissionDenied → 4.03 (sign-up maps it to 4.01, spec §5.2).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// gRPC NotFound → 4.04.
+    #[error("{0}")]
+    NotFound(String),
+    /// The back end cannot answer now → 5.03 `temporary error: ` (spec §5.0).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// What a sign-in replaced (spec §14 item 13).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replaced(pub Option<ConnectionRef>);
+
+/// The hub as the sessions see it. Calls are short and synchronous: the
+/// embedded hub answers from memory. Implementations are shared by every
+/// shard.
+pub trait Hub: Send + Sync + fmt::Debug {
+    /// Sign-up (spec §4.5 `AddDevice`): records `device_id` as `owner`'s.
+    /// Idempotent for the same owner; another owner's device is
+    /// [`HubError::PermissionDenied`].
+    fn add_device(&self, ctx: &AuthContext) -> Result<(), HubError>;
+
+    /// The ownership check of sign-in and refresh (spec §4.5).
+    fn owns(&self, owner: &str, device_id: &str) -> bool;
+
+    /// Removes the device, its links and its status (sign-off, spec §5.3;
+    /// `DELETE /api/v1/devices/{id}`). A connected device is disconnected
+    /// (spec §4.9). [`HubError::NotFound`] when `owner` has no such device.
+    fn delete_device(&self, owner: &str, device_id: &str) -> Result<(), HubError>;
+
+    /// Publish (spec §5.7): adds or replaces links by href.
+    fn publish(&self, ctx: &AuthContext, links: Vec<StoredLink>) -> Result<(), HubError>;
+
+    /// Unpublish (spec §5.8): removes the links with these instance IDs
+    /// (all of the device's when empty) and returns their hrefs;
+    /// [`HubError::NotFound`] when nothing was removed.
+    fn unpublish(
+        &self,
+        ctx: &AuthContext,
+        instance_ids: &[i64],
+        now_unix: u64,
+    ) -> Result<Vec<String>, HubError>;
+
+    /// Discovery (spec §5.9): `owner`'s unexpired links, devices in ID order;
+    /// empty filters match everything.
+    fn links(
+        &self,
+        owner: &str,
+        device_ids: &[&str],
+        resource_types: &[&str],
+        now_unix: u64,
+    ) -> Vec<(String, Vec<StoredLink>)>;
+
+    /// ONLINE (spec §8.1). Returns the connection of an earlier sign-in of
+    /// the same device that is still open, which the caller closes.
+    fn set_online(&self, ctx: &AuthContext, online: Online) -> Replaced;
+
+    /// The device's local endpoints, once its `/oic/d` link was read (spec
+    /// §8.1), if `connection` is still the one that went online.
+    fn set_local_endpoints(&self, device_id: &str, connection: ConnectionRef, eps: Vec<String>);
+
+    /// OFFLINE (spec §8.2), ignored unless `connection` is the one that went
+    /// online (a newer connection of the same device stays ONLINE).
+    fn set_offline(&self, device_id: &str, connection: ConnectionRef);
+
+    /// One device of `owner`.
+    fn device(&self, owner: &str, device_id: &str) -> Option<DeviceRecord>;
+
+    /// All devices of `owner`, in ID order.
+    fn devices(&self, owner: &str) -> Vec<DeviceRecord>;
+}
