@@ -196,6 +196,9 @@ pub struct CoapConfig {
     /// Most concurrent device connections; 0 = unlimited (bounded by the
     /// OS). See [`CoapConfig::connection_limit`]. Default 0.
     pub max_connections: usize,
+    /// `host:port` devices and clients reach this gateway at, used in the
+    /// `eps` of cloud discovery (spec §5.9). Empty = the listener's address.
+    pub external_address: String,
     /// `[coap.tls]`
     pub tls: TlsConfig,
 }
@@ -209,6 +212,7 @@ impl Default for CoapConfig {
             keepalive_timeout: Duration::from_secs(20),
             handshake_timeout: Duration::from_secs(10),
             max_connections: 0,
+            external_address: String::new(),
             tls: TlsConfig::default(),
         }
     }
@@ -477,9 +481,8 @@ impl AuthorizationConfig {
                 "must be at least 1s (e.g. \"5m\")",
             ));
         }
-        if !self.jwks_url.is_empty()
-            && !(self.jwks_url.starts_with("http://") || self.jwks_url.starts_with("https://"))
-        {
+        let is_http = |url: &str| url.starts_with("http://") || url.starts_with("https://");
+        if !self.jwks_url.is_empty() && !is_http(&self.jwks_url) {
             return Err(invalid(
                 "authorization.jwks_url",
                 "must be an http:// or https:// URL",
@@ -540,10 +543,15 @@ impl OAuthProviderConfig {
         if self.name.trim().is_empty() {
             return Err(invalid("authorization.providers.name", "must not be empty"));
         }
-        if !(self.token_url.starts_with("http://") || self.token_url.starts_with("https://")) {
+        let is_http =
+            self.token_url.starts_with("http://") || self.token_url.starts_with("https://");
+        if !is_http {
             return Err(invalid(
                 "authorization.providers.token_url",
-                format!("provider `{}`: must be an http:// or https:// URL", self.name),
+                format!(
+                    "provider `{}`: must be an http:// or https:// URL",
+                    self.name
+                ),
             ));
         }
         if self.timeout < Duration::from_millis(1) {
@@ -736,9 +744,7 @@ impl Config {
         self.hub.validate()?;
         self.authority.validate()?;
         self.authorization.validate()?;
-        if !self.authority.enabled
-            && self.authorization.providers.is_empty()
-        {
+        if !self.authority.enabled && self.authorization.providers.is_empty() {
             return Err(invalid(
                 "authorization.providers",
                 "with authority.enabled = false, configure at least one [[authorization.providers]] so devices can sign up",
@@ -750,7 +756,10 @@ impl Config {
                 "with authority.enabled = false, set the key set (or OpenID discovery) URL of the token issuer",
             ));
         }
-        let embedded = self.authority.enabled.then_some(self.authority.provider_name.as_str());
+        let embedded = self
+            .authority
+            .enabled
+            .then_some(self.authority.provider_name.as_str());
         if let Some(dup) = self
             .authorization
             .providers

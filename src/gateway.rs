@@ -7,25 +7,71 @@
 #![allow(clippy::disallowed_methods)]
 
 use std::rc::Rc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime};
 
-use shards::{CloseReason, ConnInfo, Connection, Service};
+use shards::{CloseReason, ConnId, ConnInfo, Connection, Service, ShardSender};
 
 use crate::auth::identity::peer_identity;
+use crate::auth::provider::{OAuthError, TokenSet};
 use crate::coap::deframer;
+use crate::hub::{ConnectionRef, Connections};
 use crate::session::{PeerIdentity, Session, SessionConfig};
+
+/// The runtime's message sender, known once the runtime started.
+pub type SenderSlot = Arc<OnceLock<ShardSender<GatewayMessage>>>;
+
+/// A connection's ID as the hub sees it.
+pub fn connection_ref(id: ConnId) -> ConnectionRef {
+    ConnectionRef(
+        u128::from(id.shard) << 64 | u128::from(id.slot) << 32 | u128::from(id.generation),
+    )
+}
+
+/// The inverse of [`connection_ref`].
+pub fn conn_id(r: ConnectionRef) -> ConnId {
+    ConnId {
+        shard: (r.0 >> 64) as u32,
+        slot: (r.0 >> 32) as u32,
+        generation: r.0 as u32,
+    }
+}
+
+/// The hub closes device connections through the shards' channels.
+pub struct ShardConnections {
+    pub sender: SenderSlot,
+}
+
+impl Connections for ShardConnections {
+    fn close(&self, connection: ConnectionRef, reason: &str) {
+        let Some(sender) = self.sender.get() else {
+            return;
+        };
+        let to = conn_id(connection);
+        if let Err(e) = sender.send(
+            to,
+            GatewayMessage::Close {
+                reason: reason.to_owned(),
+            },
+        ) {
+            tracing::warn!(conn = %to, "cannot ask the connection to close: {e}");
+        }
+    }
+}
 
 /// One shard's factory of device connections.
 pub struct GatewayService {
     config: Rc<SessionConfig>,
     rng: ring::rand::SystemRandom,
+    sender: SenderSlot,
 }
 
 impl GatewayService {
-    pub fn new(config: SessionConfig) -> Self {
+    pub fn new(config: SessionConfig, sender: SenderSlot) -> Self {
         GatewayService {
             config: Rc::new(config),
             rng: ring::rand::SystemRandom::new(),
+            sender,
         }
     }
 }
@@ -34,11 +80,12 @@ impl Service for GatewayService {
     type Conn = DeviceConnection;
 
     fn accept(&self, info: &ConnInfo<'_>, now: Instant) -> DeviceConnection {
-        let identity = match info.peer_certificates {
-            Some(chain) => PeerIdentity {
-                device_id: peer_identity(chain).device_id.map(String::into_boxed_str),
-            },
-            None => PeerIdentity::default(),
+        let identity = PeerIdentity {
+            device_id: info
+                .peer_certificates
+                .and_then(|chain| peer_identity(chain).device_id.map(String::into_boxed_str)),
+            connection: connection_ref(info.id),
+            remote: info.peer_addr.to_string().into_boxed_str(),
         };
         tracing::debug!(
             peer = %info.peer_addr,
@@ -55,6 +102,9 @@ impl Service for GatewayService {
         DeviceConnection {
             session: Session::new(self.config.clone(), identity, now, u64::from_be_bytes(seed)),
             max_message_size: self.config.max_message_size,
+            id: info.id,
+            config: self.config.clone(),
+            sender: self.sender.clone(),
         }
     }
 }
@@ -74,17 +124,52 @@ pub enum GatewayMessage {
     /// Disconnect the device (e.g. it was removed through the API): the
     /// session closes without sending anything more.
     Close { reason: String },
+    /// The answer of an external OAuth provider to the session's exchange
+    /// `id` (spec §4.8).
+    Exchange {
+        id: u64,
+        result: Result<TokenSet, OAuthError>,
+    },
 }
 
 /// A device connection as the runtime sees it.
 pub struct DeviceConnection {
     session: Session,
     max_message_size: usize,
+    id: ConnId,
+    config: Rc<SessionConfig>,
+    sender: SenderSlot,
 }
 
 impl DeviceConnection {
     pub fn session(&self) -> &Session {
         &self.session
+    }
+
+    /// Starts the OAuth exchanges the session asked for. The embedded
+    /// authority answers at once; an external provider answers later
+    /// through a [`GatewayMessage::Exchange`] to this connection.
+    fn start_exchanges(&mut self, now: Instant) {
+        while let Some(exchange) = self.session.poll_exchange() {
+            let Some(provider) = self.config.providers.get(exchange.provider).cloned() else {
+                continue;
+            };
+            let sender = self.sender.clone();
+            let to = self.id;
+            let id = exchange.id;
+            let done = Box::new(move |result: Result<TokenSet, OAuthError>| {
+                let delivered = sender
+                    .get()
+                    .map(|s| s.send(to, GatewayMessage::Exchange { id, result }));
+                if !matches!(delivered, Some(Ok(()))) {
+                    tracing::warn!(conn = %to, "cannot deliver an OAuth answer to its connection");
+                }
+            });
+            if let Some(result) = provider.exchange(exchange.request, done) {
+                self.session
+                    .handle_exchange(now, SystemTime::now(), id, result);
+            }
+        }
     }
 }
 
@@ -100,6 +185,7 @@ impl Connection for DeviceConnection {
                 Ok(Some((msg, len))) => {
                     self.session.handle_frame(now, wall, msg);
                     used += len;
+                    self.start_exchanges(now);
                 }
                 Ok(None) => break,
                 Err(error) => {
@@ -115,9 +201,14 @@ impl Connection for DeviceConnection {
         self.session.handle_timeout(now);
     }
 
-    fn on_message(&mut self, _now: Instant, msg: GatewayMessage) {
+    fn on_message(&mut self, now: Instant, msg: GatewayMessage) {
         match msg {
             GatewayMessage::Close { reason } => self.session.close(reason),
+            GatewayMessage::Exchange { id, result } => {
+                self.session
+                    .handle_exchange(now, SystemTime::now(), id, result);
+                self.start_exchanges(now);
+            }
         }
     }
 
@@ -180,7 +271,8 @@ mod tests {
             generation: 7,
         };
         let now = Instant::now();
-        let mut conn = GatewayService::new(SessionConfig::default()).accept(&info(id), now);
+        let mut conn = GatewayService::new(SessionConfig::default(), SenderSlot::default())
+            .accept(&info(id), now);
         let mut csm = Vec::new();
         assert!(conn.poll_transmit(&mut csm));
         conn.on_message(
@@ -219,7 +311,7 @@ mod tests {
         config.shards = 1;
         let recorded = seen.clone();
         let runtime = Runtime::start(config, move |_| Recording {
-            inner: GatewayService::new(SessionConfig::default()),
+            inner: GatewayService::new(SessionConfig::default(), SenderSlot::default()),
             seen: recorded.clone(),
         })
         .expect("runtime starts");

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use coap_gateway::api::{ApiServer, ApiState};
-use coap_gateway::auth::authority::{Authority, AuthoritySettings, SigningKey};
+use coap_gateway::auth::authority::Authority;
 use coap_gateway::auth::pki;
 use coap_gateway::config::{Config, LogFormat};
 use coap_gateway::server;
@@ -213,19 +213,8 @@ fn token(config_path: Option<&Path>, command: TokenCommand) -> ExitCode {
     }
 }
 
-/// The embedded authority with the key from `[authority] key_file` (created
-/// on first use) and the configured lifetimes.
 fn load_authority(config: &Config) -> Result<Authority, String> {
-    let key_file = config.authority_key_file();
-    if let Some(parent) = key_file.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-    }
-    let key = SigningKey::load_or_create(&key_file).map_err(|e| e.to_string())?;
-    let mut settings = AuthoritySettings::new(config.authority_issuer());
-    settings.access_token_ttl = config.authority.access_token_ttl;
-    settings.code_ttl = config.authority.code_ttl;
-    Authority::new(key, settings).map_err(|e| e.to_string())
+    server::load_authority(config)
 }
 
 fn init_logging(config: &Config, format: Option<LogFormatArg>) {
@@ -275,30 +264,32 @@ fn serve(path: Option<&Path>, format: Option<LogFormatArg>) -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    let runtime = match server::start_with_shutdown(&config, shutdown) {
-        Ok(rt) => rt,
+    let gateway = match server::start_with_shutdown(&config, shutdown) {
+        Ok(gw) => gw,
         Err(e) => {
             tracing::error!("{e}");
             return ExitCode::from(1);
         }
     };
-    let authority = match load_authority(&config) {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!("{e}");
-            runtime.shutdown();
-            runtime.join();
-            return ExitCode::from(1);
-        }
-    };
-    let api_state = ApiState::new(runtime.stats().to_vec(), runtime.shutdown_flag())
-        .with_authority(Arc::new(authority));
+    let mut api_state = ApiState::new(
+        gateway.runtime.stats().to_vec(),
+        gateway.runtime.shutdown_flag(),
+    );
+    if let Some(authority) = &gateway.authority {
+        api_state = api_state.with_authority(authority.clone());
+    }
+    if let Some(provider) = &gateway.provider {
+        api_state = api_state.with_provider(provider.clone());
+    }
+    let api_state = api_state
+        .with_hub(gateway.hub.clone())
+        .with_validator(gateway.validator.clone());
     let api = match ApiServer::start(config.api.address, api_state.clone()) {
         Ok(api) => api,
         Err(e) => {
             tracing::error!("{e}");
-            runtime.shutdown();
-            runtime.join();
+            gateway.shutdown();
+            gateway.join();
             return ExitCode::from(1);
         }
     };
@@ -309,16 +300,16 @@ fn serve(path: Option<&Path>, format: Option<LogFormatArg>) -> ExitCode {
         "coap+tcp"
     };
     tracing::info!(
-        address = %runtime.local_addr(),
-        shards = runtime.stats().len(),
+        address = %gateway.local_addr(),
+        shards = gateway.runtime.stats().len(),
         client_auth = ?config.coap.tls.client_auth,
         open_files,
         "listening for devices on {scheme}://{}",
-        runtime.local_addr()
+        gateway.local_addr()
     );
     tracing::info!(address = %api.local_addr(), "HTTP API on http://{}", api.local_addr());
-    spawn_shutdown_watchdog(runtime.shutdown_flag());
-    runtime.join();
+    spawn_shutdown_watchdog(gateway.runtime.shutdown_flag());
+    gateway.join();
     api.stop();
     tracing::info!("stopped");
     ExitCode::SUCCESS

@@ -2,16 +2,28 @@
 //! development PKI on first start with the embedded defaults), the session
 //! settings, and the shards runtime.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use shards::{Runtime, RuntimeConfig, StartError};
 
+use crate::auth::authority::{Authority, AuthoritySettings, SigningKey};
+use crate::auth::jwks::Jwks;
+use crate::auth::jwks_fetch;
+use crate::auth::jwt::{TokenValidator, ValidationSettings};
+use crate::auth::oauth::HttpProvider;
 use crate::auth::pki::{self, PkiError, PkiPaths};
+use crate::auth::provider::{EmbeddedProvider, TokenProvider};
 use crate::auth::tls::{self, TlsError, TlsFiles};
+use crate::auth::validator::SharedValidator;
+use crate::auth::ClientAuth;
 use crate::config::Config;
-use crate::gateway::{GatewayMessage, GatewayService};
+use crate::gateway::{GatewayMessage, GatewayService, SenderSlot, ShardConnections};
+use crate::hub::{MemoryHub, Protocol};
+use crate::ocf;
 use crate::session::SessionConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +34,8 @@ pub enum ServeError {
     Tls(#[from] TlsError),
     #[error("{0}")]
     Start(#[from] StartError),
+    #[error("authorization: {0}")]
+    Auth(String),
 }
 
 /// Creates the development PKI under `<data_dir>/pki` when the config uses
@@ -45,9 +59,84 @@ pub fn tls_files(config: &Config) -> TlsFiles {
     }
 }
 
-/// Starts the shards; the gateway serves until `Runtime::shutdown`.
-/// `Runtime::sender` reaches one device connection by its `ConnId`.
-pub fn start(config: &Config) -> Result<Runtime<GatewayMessage>, ServeError> {
+/// A running gateway: the shards, the hub they report to, the token
+/// authority and validator, and the control plane's tokio runtime (OAuth
+/// exchanges with external providers, key refresh).
+pub struct Gateway {
+    pub runtime: Runtime<GatewayMessage>,
+    pub hub: Arc<MemoryHub>,
+    /// The embedded token authority, when `[authority] enabled`.
+    pub authority: Option<Arc<Authority>>,
+    /// The embedded authority as the OAuth provider devices name.
+    pub provider: Option<Arc<EmbeddedProvider>>,
+    pub validator: Arc<SharedValidator>,
+    /// This process's random ID (spec §8.1 `service_id`).
+    pub service_id: String,
+    /// Keeps the key fetcher of `authorization.jwks_url` running.
+    _key_refresh: Option<jwks_fetch::KeyRefresh>,
+    control: tokio::runtime::Runtime,
+}
+
+impl Gateway {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.runtime.local_addr()
+    }
+
+    /// The control plane's tokio runtime.
+    pub fn control_plane(&self) -> tokio::runtime::Handle {
+        self.control.handle().clone()
+    }
+
+    /// Starts the drain (Release to every device).
+    pub fn shutdown(&self) {
+        self.runtime.shutdown();
+    }
+
+    /// Waits until the shards stopped, then stops the control plane.
+    pub fn join(self) {
+        self.runtime.join();
+        self.control.shutdown_timeout(Duration::from_secs(1));
+    }
+}
+
+/// The embedded authority with the key from `[authority] key_file` (created
+/// on first use), the configured lifetimes and the claims `[authorization]`
+/// checks.
+pub fn load_authority(config: &Config) -> Result<Authority, String> {
+    let key_file = config.authority_key_file();
+    if let Some(parent) = key_file.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    }
+    let key = SigningKey::load_or_create(&key_file).map_err(|e| e.to_string())?;
+    let mut settings = AuthoritySettings::new(config.authority_issuer());
+    settings.access_token_ttl = config.authority.access_token_ttl;
+    settings.code_ttl = config.authority.code_ttl;
+    settings.owner_claim = config.authorization.owner_claim.clone();
+    settings.device_id_claim = Some(config.authorization.device_id_claim.clone());
+    settings.audience = Some(config.authorization.audience.clone());
+    Authority::new(key, settings).map_err(|e| e.to_string())
+}
+
+/// `[authorization]` as validation settings; `iss` defaults to the embedded
+/// authority's when tokens are checked against its keys.
+fn validation_settings(config: &Config) -> ValidationSettings {
+    let auth = &config.authorization;
+    let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    let issuer = non_empty(&auth.issuer).or_else(|| {
+        (config.authority.enabled && auth.jwks_url.is_empty()).then(|| config.authority_issuer())
+    });
+    ValidationSettings {
+        issuer,
+        audience: non_empty(&auth.audience),
+        owner_claim: auth.owner_claim.clone(),
+        device_id_claim: non_empty(&auth.device_id_claim),
+        mode: auth.mode,
+    }
+}
+
+/// Starts the shards; the gateway serves until [`Gateway::shutdown`].
+pub fn start(config: &Config) -> Result<Gateway, ServeError> {
     start_with_shutdown(config, Arc::new(AtomicBool::new(false)))
 }
 
@@ -56,7 +145,7 @@ pub fn start(config: &Config) -> Result<Runtime<GatewayMessage>, ServeError> {
 pub fn start_with_shutdown(
     config: &Config,
     shutdown: Arc<AtomicBool>,
-) -> Result<Runtime<GatewayMessage>, ServeError> {
+) -> Result<Gateway, ServeError> {
     prepare_dev_pki(config)?;
     let tls = if config.coap.tls.enabled {
         Some(tls::server_config(
@@ -70,17 +159,117 @@ pub fn start_with_shutdown(
         );
         None
     };
+    let control = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("control-plane")
+        .enable_all()
+        .build()
+        .map_err(|e| ServeError::Auth(format!("cannot start the control plane: {e}")))?;
+
+    let authority = if config.authority.enabled {
+        Some(Arc::new(load_authority(config).map_err(ServeError::Auth)?))
+    } else {
+        None
+    };
+    let jwks_url = &config.authorization.jwks_url;
+    let keys = match (&authority, jwks_url.is_empty()) {
+        (Some(authority), true) => authority.key_set(),
+        (_, false) => match jwks_fetch::fetch_keys_blocking(jwks_url, jwks_fetch::FETCH_TIMEOUT) {
+            Ok(keys) => keys,
+            Err(e) => {
+                // Devices get 5.03 (and retry) until the periodic fetch
+                // succeeds: a key server down at start-up does not keep
+                // the gateway, and its devices' sessions, down.
+                tracing::warn!(url = %jwks_url, "cannot fetch the token keys yet: {e}");
+                Jwks::default()
+            }
+        },
+        (None, true) => Jwks::default(),
+    };
+    let validator = TokenValidator::new(keys, validation_settings(config))
+        .map_err(|e| ServeError::Auth(e.to_string()))?;
+    let validator = Arc::new(SharedValidator::new(validator));
+    let key_refresh = if jwks_url.is_empty() {
+        None
+    } else {
+        Some(
+            jwks_fetch::spawn_key_refresh(
+                jwks_url.clone(),
+                config.authorization.jwks_refresh,
+                validator.clone(),
+                control.handle(),
+            )
+            .map_err(|e| ServeError::Auth(format!("authorization.jwks_url: {e}")))?,
+        )
+    };
+
+    let provider = authority.as_ref().map(|a| {
+        Arc::new(EmbeddedProvider::new(
+            config.authority.provider_name.clone(),
+            a.clone(),
+        ))
+    });
+    let mut providers: Vec<Arc<dyn TokenProvider>> = Vec::new();
+    if let Some(p) = &provider {
+        providers.push(p.clone());
+    }
+    for p in &config.authorization.providers {
+        let external = HttpProvider::new(p, control.handle().clone())
+            .map_err(|e| ServeError::Auth(e.to_string()))?;
+        providers.push(Arc::new(external));
+    }
+
+    let hub = Arc::new(MemoryHub::new());
+    let sender = SenderSlot::default();
+    hub.set_connections(Arc::new(ShardConnections {
+        sender: sender.clone(),
+    }));
+    let service_id = uuid::Uuid::new_v4().to_string();
+    let discovery_endpoint = Arc::new(OnceLock::new());
+
     let mut runtime = RuntimeConfig::new(config.coap.address, tls);
     runtime.shards = config.coap.shards;
     runtime.max_connections = config.coap.max_connections;
     runtime.handshake_timeout = config.coap.handshake_timeout;
     runtime.shutdown = shutdown;
+    let tls_on = config.coap.tls.enabled;
     let session = SessionConfig {
         max_message_size: config.coap.max_message_size,
         keepalive_timeout: config.coap.keepalive_timeout,
+        owner_cache_expiration: config.authorization.owner_cache_expiration,
+        certificate_device_id: tls_on && config.coap.tls.client_auth == ClientAuth::Identity,
+        protocol: if tls_on {
+            Protocol::CoapsTcp
+        } else {
+            Protocol::CoapTcp
+        },
+        service_id: Arc::from(service_id.as_str()),
+        discovery_endpoint: discovery_endpoint.clone(),
+        hub: hub.clone(),
+        validator: validator.clone(),
+        providers,
     };
-    let rt = Runtime::start(runtime, move |_shard| GatewayService::new(session.clone()))?;
-    Ok(rt)
+    let slot = sender.clone();
+    let rt = Runtime::start(runtime, move |_shard| {
+        GatewayService::new(session.clone(), slot.clone())
+    })?;
+    let _ = sender.set(rt.sender());
+    let external = if config.coap.external_address.is_empty() {
+        rt.local_addr().to_string()
+    } else {
+        config.coap.external_address.clone()
+    };
+    let _ = discovery_endpoint.set(ocf::res::gateway_endpoint(tls_on, &external));
+    Ok(Gateway {
+        runtime: rt,
+        hub,
+        authority,
+        provider,
+        validator,
+        service_id,
+        _key_refresh: key_refresh,
+        control,
+    })
 }
 
 /// Where `certs device` output goes by default for a data dir.

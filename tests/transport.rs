@@ -252,7 +252,7 @@ fn graceful_shutdown_sends_release() {
     let mut gw = TestGateway::start(&pki.config(ClientAuth::Identity));
     let mut dev = connect(&pki, &gw);
     dev.recv().expect("csm");
-    let rt = gw.runtime.take().unwrap();
+    let rt = gw.gateway.take().unwrap();
     rt.shutdown();
     let (msgs, _) = dev.recv_until_closed(Duration::from_secs(5));
     assert_eq!(

@@ -1,26 +1,55 @@
-//! The HTTP API of the control plane (SURFACE.md): liveness (`/healthz`),
-//! readiness (`/readyz`) and Prometheus metrics (`/metrics`). It runs on its
-//! own thread with a single-threaded tokio runtime, away from the shards:
-//! it only reads their counters, which are atomics.
+//! The HTTP API of the control plane (SURFACE.md "HTTP API"). It runs on
+//! its own thread with a single-threaded tokio runtime, away from the
+//! shards: it reads their counters (atomics) and calls the hub, whose calls
+//! are short and synchronous.
 //!
-//! With the embedded authority it also publishes
-//! `/.well-known/openid-configuration` and `/.well-known/jwks.json`. The
-//! device, twin, command and token routes arrive with the hub.
+//! Routes (errors are JSON `{"code", "message"}` with the HTTP status,
+//! except `/oauth/token`, which answers RFC 6749 §5.2 errors):
+//!
+//! | route | needs | answer |
+//! |---|---|---|
+//! | `GET /healthz` | | `{"status": "ok"}` |
+//! | `GET /readyz` | | `{"status": "ready"}`, 503 before the listeners are up or while draining |
+//! | `GET /metrics` | | Prometheus (OpenMetrics) text |
+//! | `GET /.well-known/openid-configuration`, `GET /.well-known/jwks.json` | authority | the embedded authority's discovery documents; 404 without it |
+//! | `POST /oauth/token` | provider | RFC 6749 token endpoint, grants `authorization_code` and `refresh_token` (`oauth.rs`) |
+//! | `GET /api/v1/devices` | bearer, hub | the caller's devices (shape in `devices.rs`, `DeviceJson`) |
+//! | `GET /api/v1/devices/{id}` | bearer, hub | one device |
+//! | `DELETE /api/v1/devices/{id}` | bearer, hub | removes it, disconnecting it: `{"deviceIds": [id]}` |
+//! | `GET /api/v1/devices/{id}/resource-links` | bearer, hub | its published links, OCF link JSON |
+//! | `POST /api/v1/authorization-codes` | bearer, authority | `{"code", "expiresIn"}` for the caller, body `{"deviceId"}` optional |
+//!
+//! "bearer" routes take `Authorization: Bearer <access token>` (401 without
+//! a valid one, `bearer.rs`) and are scoped to its owner: another owner's
+//! device is 404. A route whose part was not given to [`ApiState`] answers
+//! 503 saying which; the authority's routes answer 404 when the embedded
+//! authority is not enabled.
+//!
+//! The twin, command and event routes arrive with the twin.
 
+mod bearer;
+mod codes;
+mod devices;
 mod metrics;
+mod oauth;
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use shards::ShardStats;
 
 use crate::auth::authority::Authority;
+use crate::auth::provider::EmbeddedProvider;
+use crate::auth::validator::SharedValidator;
+use crate::hub::Hub;
 
 pub use metrics::ShardMetrics;
 
@@ -34,6 +63,12 @@ pub struct ApiState {
     draining: Arc<AtomicBool>,
     /// The embedded token authority, whose discovery documents we publish.
     authority: Option<Arc<Authority>>,
+    /// The device registry the device routes read and change.
+    hub: Option<Arc<dyn Hub>>,
+    /// The embedded authority's token exchange (`POST /oauth/token`).
+    provider: Option<Arc<EmbeddedProvider>>,
+    /// Checks bearer tokens.
+    validator: Option<Arc<bearer::ApiValidator>>,
 }
 
 impl ApiState {
@@ -45,6 +80,9 @@ impl ApiState {
             ready: Arc::new(AtomicBool::new(false)),
             draining,
             authority: None,
+            hub: None,
+            provider: None,
+            validator: None,
         }
     }
 
@@ -54,6 +92,37 @@ impl ApiState {
     pub fn with_authority(mut self, authority: Arc<Authority>) -> ApiState {
         self.authority = Some(authority);
         self
+    }
+
+    /// The hub behind the device routes (`/api/v1/devices...`).
+    pub fn with_hub(mut self, hub: Arc<dyn Hub>) -> ApiState {
+        self.hub = Some(hub);
+        self
+    }
+
+    /// The embedded authority's token exchange for `POST /oauth/token`.
+    /// Give the API the provider the shards use: one-time codes and refresh
+    /// tokens are remembered by that object. Its authority also serves the
+    /// discovery documents and issues codes unless
+    /// [`with_authority`](Self::with_authority) named one.
+    pub fn with_provider(mut self, provider: Arc<EmbeddedProvider>) -> ApiState {
+        self.provider = Some(provider);
+        self
+    }
+
+    /// The validator bearer tokens are checked with: the one the shards
+    /// use, so that key refreshes reach the API too. The API does not ask
+    /// for the device-ID claim whatever the `[authorization] mode`.
+    pub fn with_validator(mut self, validator: Arc<SharedValidator>) -> ApiState {
+        self.validator = Some(Arc::new(bearer::ApiValidator::new(validator)));
+        self
+    }
+
+    /// The embedded authority, given directly or through the provider.
+    fn embedded_authority(&self) -> Option<&Arc<Authority>> {
+        self.authority
+            .as_ref()
+            .or_else(|| self.provider.as_ref().map(|p| p.authority()))
     }
 
     /// Readiness as the load balancer sees it: set once the listeners are
@@ -173,8 +242,56 @@ pub fn router(state: ApiState) -> Router {
             get(openid_configuration),
         )
         .route("/.well-known/jwks.json", get(jwks))
+        .route("/oauth/token", post(oauth::token))
+        .route("/api/v1/devices", get(devices::list))
+        .route(
+            "/api/v1/devices/{id}",
+            get(devices::get).delete(devices::delete),
+        )
+        .route(
+            "/api/v1/devices/{id}/resource-links",
+            get(devices::resource_links),
+        )
+        .route("/api/v1/authorization-codes", post(codes::issue))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // The request bodies are a few form or JSON parameters.
+        .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
+}
+
+/// The largest request body the API reads (axum's default is 2 MiB).
+const MAX_BODY: usize = 64 * 1024;
+
+/// The wall clock in Unix seconds, for the sans-IO token and hub code.
+#[allow(clippy::disallowed_methods)] // The API is the IO side (clippy.toml): it reads the clock.
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// An error answer of a route, for handlers that return `Result`.
+#[derive(Debug)]
+struct Failure {
+    status: StatusCode,
+    message: String,
+}
+
+impl Failure {
+    fn new(status: StatusCode, message: impl Into<String>) -> Failure {
+        Failure {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        error(self.status, &self.message)
+    }
 }
 
 /// SURFACE.md: errors are JSON `{"code": ..., "message": ...}` with the
@@ -218,7 +335,7 @@ async fn metrics_text(State(state): State<ApiState>) -> Response {
 }
 
 async fn openid_configuration(State(state): State<ApiState>) -> Response {
-    match &state.authority {
+    match state.embedded_authority() {
         Some(authority) => {
             let issuer = authority.settings().issuer.clone();
             Json(authority.openid_configuration(&issuer)).into_response()
@@ -231,7 +348,7 @@ async fn openid_configuration(State(state): State<ApiState>) -> Response {
 }
 
 async fn jwks(State(state): State<ApiState>) -> Response {
-    match &state.authority {
+    match state.embedded_authority() {
         Some(authority) => Json(authority.jwks()).into_response(),
         None => error(
             StatusCode::NOT_FOUND,
@@ -242,4 +359,11 @@ async fn jwks(State(state): State<ApiState>) -> Response {
 
 async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "no such route")
+}
+
+async fn method_not_allowed() -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this route",
+    )
 }

@@ -23,10 +23,13 @@ pub enum ClientAuth {
 pub mod authority;
 pub mod identity;
 pub mod jwks;
+pub mod jwks_fetch;
 pub mod jwt;
+pub mod oauth;
 pub mod pki;
 pub mod provider;
 pub mod tls;
+pub mod validator;
 pub mod verifier;
 
 pub use identity::{peer_identity, PeerIdentity};

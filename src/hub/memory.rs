@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use super::{
-    AuthContext, ConnectionRef, ConnectionStatus, Connections, DeviceRecord, Hub, HubError,
-    Online, Replaced, StoredLink,
+    AuthContext, ConnectionRef, ConnectionStatus, Connections, DeviceRecord, Hub, HubError, Online,
+    Replaced, StoredLink,
 };
 
 #[derive(Debug, Default)]
@@ -232,6 +232,10 @@ impl Hub for MemoryHub {
             };
             previous
         };
+        // spec §14 item 13: one connection per device; the newer wins.
+        if let Some(older) = replaced {
+            self.close(older, "the device signed in on another connection");
+        }
         Replaced(replaced)
     }
 
@@ -288,7 +292,7 @@ mod tests {
         }
     }
 
-    fn online(c: u64) -> Online {
+    fn online(c: u128) -> Online {
         Online {
             connection: ConnectionRef(c),
             connected_at_ns: 1,
@@ -374,7 +378,13 @@ mod tests {
         hub.delete_device("alice", D).unwrap();
         assert_eq!(
             closed.0.lock().unwrap().as_slice(),
-            &[(ConnectionRef(2), "device deleted".to_string())]
+            &[
+                (
+                    ConnectionRef(1),
+                    "the device signed in on another connection".to_string()
+                ),
+                (ConnectionRef(2), "device deleted".to_string())
+            ]
         );
         assert!(hub.devices("alice").is_empty());
         assert!(hub.delete_device("alice", D).is_err());

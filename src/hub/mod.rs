@@ -37,9 +37,9 @@ pub struct AuthContext {
 }
 
 /// Identifies one device connection to the hub: opaque to the hub, made by
-/// the transport (shard, slot and generation packed in a `u64`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnectionRef(pub u64);
+/// the transport (its shard, slot and generation packed in a `u128`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ConnectionRef(pub u128);
 
 /// The transport side of the hub: closes a device connection (device
 /// deleted, newer sign-in of the same device). Implemented by the gateway
@@ -135,11 +135,10 @@ impl StoredLink {
             resource_types: owned(&link.resource_types),
             interfaces: owned(&link.interfaces),
             policy: link.policy,
-            endpoints: link.endpoints.as_ref().map(|eps| {
-                eps.iter()
-                    .map(|e| (e.uri.to_owned(), e.priority))
-                    .collect()
-            }),
+            endpoints: link
+                .endpoints
+                .as_ref()
+                .map(|eps| eps.iter().map(|e| (e.uri.to_owned(), e.priority)).collect()),
             anchor: link.anchor.as_ref().map(|a| a.to_string()),
             title: link.title.map(str::to_owned),
             content_types: owned(&link.content_types),
@@ -240,8 +239,8 @@ pub trait Hub: Send + Sync + fmt::Debug {
         now_unix: u64,
     ) -> Vec<(String, Vec<StoredLink>)>;
 
-    /// ONLINE (spec §8.1). Returns the connection of an earlier sign-in of
-    /// the same device that is still open, which the caller closes.
+    /// ONLINE (spec §8.1). An earlier connection of the same device that is
+    /// still open is closed (spec §14 item 13) and returned.
     fn set_online(&self, ctx: &AuthContext, online: Online) -> Replaced;
 
     /// The device's local endpoints, once its `/oic/d` link was read (spec

@@ -19,12 +19,34 @@ pub enum SessionError {
     Unauthorized,
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// 4.00 with the spec's diagnostic text (e.g. "invalid device id").
+    #[error("{0}")]
+    Invalid(String),
+    /// 4.01 from a token, ownership or device-ID check (spec §4.3, §4.5).
+    #[error("{0}")]
+    Denied(String),
     #[error("unrecognised critical option {0}")]
     BadOption(u16),
+    /// 4.02 for a Uri-Query that does not parse (spec §5.3).
+    #[error("{0}")]
+    BadQuery(String),
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// spec §5.1: an unknown path on a signed-in connection.
+    #[error("unknown path")]
+    UnknownPath,
+    /// 5.03 for a transient cause: the device retries (spec §5.0).
+    #[error("temporary error: {0}")]
+    Unavailable(String),
+    /// 5.03 without the transient prefix (spec §5.2/§5.6: the OAuth step
+    /// failed for good, and the reference still answers 5.03).
+    #[error("{0}")]
+    ServiceUnavailable(String),
     #[error("internal error: {0}")]
     Internal(&'static str),
+    /// 5.00 with a diagnostic.
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// What the wire sees for an error.
@@ -39,6 +61,7 @@ pub enum WireAction {
 
 impl SessionError {
     pub fn wire_action(&self) -> WireAction {
+        let respond = |code| WireAction::Respond { code, close: false };
         match self {
             SessionError::Frame(_) => WireAction::Abort {
                 bad_csm_option: None,
@@ -51,23 +74,18 @@ impl SessionError {
                 code: Code::UNAUTHORIZED,
                 close: true,
             },
-            SessionError::BadRequest(_) => WireAction::Respond {
-                code: Code::BAD_REQUEST,
-                close: false,
-            },
-            SessionError::BadOption(_) => WireAction::Respond {
-                code: Code::BAD_OPTION,
-                close: false,
-            },
-            // spec §5.1: an unsupported method on a known path is 4.04.
-            SessionError::MethodNotAllowed => WireAction::Respond {
-                code: Code::NOT_FOUND,
-                close: false,
-            },
-            SessionError::Internal(_) => WireAction::Respond {
-                code: Code::INTERNAL_SERVER_ERROR,
-                close: false,
-            },
+            SessionError::BadRequest(_) | SessionError::Invalid(_) => respond(Code::BAD_REQUEST),
+            SessionError::Denied(_) => respond(Code::UNAUTHORIZED),
+            SessionError::BadOption(_) | SessionError::BadQuery(_) => respond(Code::BAD_OPTION),
+            // spec §5.1: an unsupported method on a known path is 4.04, as
+            // is an unknown path.
+            SessionError::MethodNotAllowed | SessionError::UnknownPath => respond(Code::NOT_FOUND),
+            SessionError::Unavailable(_) | SessionError::ServiceUnavailable(_) => {
+                respond(Code::SERVICE_UNAVAILABLE)
+            }
+            SessionError::Internal(_) | SessionError::Failed(_) => {
+                respond(Code::INTERNAL_SERVER_ERROR)
+            }
         }
     }
 }

@@ -1,40 +1,96 @@
 //! One device connection's sans-IO state machine (ARCHITECTURE.md, "The
-//! session contract"): CoAP messages and `now` in; CoAP bytes, the next
-//! deadline and the close decision out. No socket, no clock, no executor.
+//! session contract"): CoAP messages and `now` in; CoAP bytes, token
+//! exchanges for the control plane, the next deadline and the close
+//! decision out. No socket, no clock, no executor: the hub is called
+//! through the [`Hub`] trait, whose embedded implementation answers from
+//! memory, and slow OAuth exchanges leave as [`Exchange`] requests whose
+//! answers come back through [`Session::handle_exchange`].
 //!
-//! What it does today: RFC 8323 signalling (CSM first, Ping/Pong, Release
-//! and Abort from the device), keepalive (spec §2.4), `GET
-//! /x.plgd.dev/time` (spec §5.10) and the authorization gate of spec §4.6:
-//! until sign-in exists every other request is answered 4.01 and the
-//! connection is closed.
+//! It handles RFC 8323 signalling (CSM first, Ping/Pong, Release and
+//! Abort from the device), keepalive (spec §2.4), the OCF cloud resources
+//! of spec §5 (sign-up, sign-off, sign-in, sign-out, token refresh,
+//! publish, unpublish, selector, discovery, time), the authorization gate
+//! of spec §4.6 and the token deadline of spec §4.7.
 
 mod error;
 mod keepalive;
+mod ocf_handlers;
 
 use std::rc::Rc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::auth::jwks::Jwks;
+use crate::auth::jwt::{TokenValidator, ValidationSettings};
+use crate::auth::provider::{ExchangeRequest, OAuthError, TokenProvider, TokenSet};
+use crate::auth::validator::SharedValidator;
 use crate::coap::{option, signal, Code, MessageRef, MessageWriter};
+use crate::hub::{AuthContext, ConnectionRef, Hub, MemoryHub, Protocol};
 use crate::ocf::{self, ContentFormat};
 
 pub use error::{SessionError, WireAction};
 use keepalive::Keepalive;
+use ocf_handlers::{PendingExchange, SignedIn};
 
-/// Settings shared by every session of a shard.
-#[derive(Debug, Clone)]
+/// Settings and services shared by every session of a shard.
+#[derive(Clone)]
 pub struct SessionConfig {
     /// Largest inbound Len accepted (spec §2.2, `coap.max_message_size`).
     pub max_message_size: usize,
     /// `coap.keepalive_timeout` (spec §2.4).
     pub keepalive_timeout: Duration,
+    /// `authorization.owner_cache_expiration` (spec §4.7).
+    pub owner_cache_expiration: Duration,
+    /// spec §4.3 step 3: with `client_auth = "identity"` the certificate's
+    /// device ID is the device, whatever the request says. With `any` and
+    /// `none` the certificate carries no device ID and the token's claim or
+    /// the request's `di` decide (spec §14 item 1: the reference cannot sign
+    /// in with an `any` certificate at all; we let it).
+    pub certificate_device_id: bool,
+    /// spec §8.1 `connection.protocol`.
+    pub protocol: Protocol,
+    /// This process's random ID (spec §8.1 `service_id`).
+    pub service_id: Arc<str>,
+    /// `ep` of discovered links (spec §5.9), e.g. `coaps+tcp://host:5684`;
+    /// set once the listener's address is known.
+    pub discovery_endpoint: Arc<OnceLock<String>>,
+    pub hub: Arc<dyn Hub>,
+    pub validator: Arc<SharedValidator>,
+    /// OAuth providers by `authprovider` name; the first is used when a
+    /// refresh names none (spec §4.8).
+    pub providers: Vec<Arc<dyn TokenProvider>>,
 }
 
 impl Default for SessionConfig {
+    /// A session with an empty hub, no token keys and no providers: it
+    /// serves signalling and time, and refuses every sign-in.
     fn default() -> Self {
+        let validator = TokenValidator::new(Jwks::default(), ValidationSettings::default())
+            .expect("the default validation settings are valid");
         SessionConfig {
             max_message_size: 262_144,
             keepalive_timeout: Duration::from_secs(20),
+            owner_cache_expiration: Duration::from_secs(60),
+            certificate_device_id: true,
+            protocol: Protocol::CoapsTcp,
+            service_id: Arc::from("00000000-0000-0000-0000-000000000000"),
+            discovery_endpoint: Arc::new(OnceLock::new()),
+            hub: Arc::new(MemoryHub::new()),
+            validator: Arc::new(SharedValidator::new(validator)),
+            providers: Vec::new(),
         }
+    }
+}
+
+impl std::fmt::Debug for SessionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionConfig")
+            .field("max_message_size", &self.max_message_size)
+            .field("keepalive_timeout", &self.keepalive_timeout)
+            .field("owner_cache_expiration", &self.owner_cache_expiration)
+            .field("certificate_device_id", &self.certificate_device_id)
+            .field("providers", &self.providers.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -43,6 +99,20 @@ impl Default for SessionConfig {
 pub struct PeerIdentity {
     /// From an OCF identity certificate (spec §3.3), lower-case.
     pub device_id: Option<Box<str>>,
+    /// How the hub addresses this connection (spec §4.9, §14 item 13).
+    pub connection: ConnectionRef,
+    /// The device's `ip:port` as seen here: the connection ID of spec §8.3.
+    pub remote: Box<str>,
+}
+
+/// An OAuth exchange the session needs (spec §4.8): the driver hands it to
+/// `providers[provider]` and feeds the answer to
+/// [`Session::handle_exchange`] with the same `id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exchange {
+    pub id: u64,
+    pub provider: usize,
+    pub request: ExchangeRequest,
 }
 
 /// Why a session ended.
@@ -61,14 +131,22 @@ pub enum CloseReason {
     ClosedByHub(String),
     /// The transport went away.
     Transport(String),
+    /// The session deadline passed without a refresh (spec §4.7).
+    TokenExpired,
+    /// A request to `/oic/sec/*` failed (spec §5.0 close-on-error).
+    SecurityRequestFailed,
 }
 
 /// Timers as data (STYLE.md §6): one deadline per kind.
 #[derive(Debug, Clone, Copy)]
 enum Timer {
     Keepalive = 0,
+    /// spec §4.7: the signed-in session's deadline.
+    Deadline = 1,
+    /// A request we sent the device waits for its answer (spec §8.1).
+    DeviceRequest = 2,
 }
-const TIMERS: usize = 1;
+const TIMERS: usize = 3;
 
 /// Peer capabilities from its CSM (RFC 8323 §5.3). A device that sends no
 /// CSM gets the defaults (spec §2.3: real devices skip it).
@@ -99,6 +177,20 @@ pub struct Session {
     /// Source of the tokens we generate (spec §2.2: 8 random bytes).
     token_state: u64,
     closed: Option<CloseReason>,
+    /// spec §4.6: only a verified token puts a value here.
+    signed_in: Option<SignedIn>,
+    /// OAuth exchanges waiting for the driver, and those in flight.
+    exchanges_out: Vec<Exchange>,
+    pending: Vec<PendingExchange>,
+    /// spec §4.8: the last (code or refresh token → tokens) result of this
+    /// connection, answered again to a retransmission.
+    exchange_cache: Option<(ocf_handlers::GrantKey, TokenSet)>,
+    next_exchange_id: u64,
+    /// The request we sent the device (spec §8.1 `GET /oic/res`) and its
+    /// token; one at a time (spec §2.6).
+    device_request: Option<[u8; 8]>,
+    /// The `now` of the latest input, for deadlines set by handlers.
+    now: Instant,
 }
 
 impl Session {
@@ -115,6 +207,13 @@ impl Session {
             peer_csm: PeerCsm::default(),
             token_state: seed,
             closed: None,
+            signed_in: None,
+            exchanges_out: Vec::new(),
+            pending: Vec::new(),
+            exchange_cache: None,
+            next_exchange_id: 0,
+            device_request: None,
+            now,
         };
         let token = session.next_token();
         // spec §2.3: the CSM carries no options (neither Max-Message-Size nor
@@ -137,6 +236,7 @@ impl Session {
         if self.closed.is_some() {
             return;
         }
+        self.now = now;
         // spec §2.4 step 1: every inbound frame counts as activity.
         self.keepalive.on_activity(now);
         let result = if msg.code.is_signal() {
@@ -144,11 +244,16 @@ impl Session {
         } else if msg.code.is_request() {
             self.handle_request(wall, msg)
         } else if msg.code.is_empty() {
-            // spec §2.7/§4.6: an Empty message needs a signed-in session.
-            Err(SessionError::Unauthorized)
+            // spec §2.7/§4.6: an Empty message needs a signed-in session;
+            // signed in, it would cancel a client-API observation (§5.11),
+            // of which there are none.
+            if self.is_signed_in(wall) {
+                Ok(())
+            } else {
+                Err(SessionError::Unauthorized)
+            }
         } else {
-            // spec §2.7: a response for a token we do not know is dropped.
-            tracing::debug!(code = %msg.code, "dropping response for unknown token");
+            self.handle_response(wall, msg);
             Ok(())
         };
         if let Err(error) = result {
@@ -169,6 +274,7 @@ impl Session {
         if self.closed.is_some() {
             return;
         }
+        self.now = now;
         if self.timers[Timer::Keepalive as usize].is_some_and(|at| now >= at) {
             match self
                 .keepalive
@@ -186,6 +292,17 @@ impl Session {
                 keepalive::Action::Wait => {}
             }
             self.arm_keepalive();
+        }
+        if self.timers[Timer::Deadline as usize].is_some_and(|at| now >= at) {
+            self.timers[Timer::Deadline as usize] = None;
+            tracing::debug!("closing a connection whose token deadline passed (spec §4.7)");
+            self.closed = Some(CloseReason::TokenExpired);
+        }
+        if self.timers[Timer::DeviceRequest as usize].is_some_and(|at| now >= at) {
+            self.timers[Timer::DeviceRequest as usize] = None;
+            if self.device_request.take().is_some() {
+                tracing::debug!("the device did not answer our request in time");
+            }
         }
     }
 
@@ -207,11 +324,31 @@ impl Session {
         }
     }
 
-    /// The transport is gone.
+    /// The transport is gone: the session ends and a signed-in device goes
+    /// OFFLINE (spec §8.2), whatever closed it.
     pub fn transport_closed(&mut self, reason: String) {
         if self.closed.is_none() {
             self.closed = Some(CloseReason::Transport(reason));
         }
+        if let Some(signed_in) = self.signed_in.take() {
+            self.config
+                .hub
+                .set_offline(&signed_in.ctx.device_id, self.identity.connection);
+        }
+    }
+
+    /// The next OAuth exchange for the driver to start.
+    pub fn poll_exchange(&mut self) -> Option<Exchange> {
+        if self.exchanges_out.is_empty() {
+            None
+        } else {
+            Some(self.exchanges_out.remove(0))
+        }
+    }
+
+    /// The signed-in device's authorization context (spec §4.6), if any.
+    pub fn auth_context(&self) -> Option<&AuthContext> {
+        self.signed_in.as_ref().map(|s| &s.ctx)
     }
 
     /// Moves queued CoAP bytes into `buf`; true when there were any.
@@ -238,6 +375,10 @@ impl Session {
 
     pub fn is_closed(&self) -> Option<&CloseReason> {
         self.closed.as_ref()
+    }
+
+    fn keepalive_now(&self) -> Instant {
+        self.now
     }
 
     fn arm_keepalive(&mut self) {
@@ -307,14 +448,17 @@ impl Session {
             response.finish();
             return Ok(());
         }
-        // spec §4.6: every other path requires a signed-in session. Sign-up,
-        // sign-in and the resource directory arrive with the OCF protocol;
-        // until then no connection can be signed in.
-        Err(SessionError::Unauthorized)
+        self.handle_ocf_request(wall, msg)
     }
 
     /// The one place where an error becomes wire behaviour.
     fn apply(&mut self, error: &SessionError, token: &[u8]) {
+        self.apply_closing(error, token, false);
+    }
+
+    /// As [`apply`](Self::apply); `close_anyway` closes after the response
+    /// whatever the error (spec §5.0 close-on-error for `/oic/sec/*`).
+    fn apply_closing(&mut self, error: &SessionError, token: &[u8], close_anyway: bool) {
         match error.wire_action() {
             WireAction::Respond { code, close } => {
                 let diagnostic = error.to_string();
@@ -325,6 +469,8 @@ impl Session {
                 response.finish();
                 if close {
                     self.closed = Some(CloseReason::Unauthorized);
+                } else if close_anyway {
+                    self.closed = Some(CloseReason::SecurityRequestFailed);
                 }
             }
             WireAction::Abort { bad_csm_option } => {
@@ -338,3 +484,6 @@ impl Session {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod ocf_tests;

@@ -13,6 +13,7 @@ fn config(keepalive: Duration) -> Rc<SessionConfig> {
     Rc::new(SessionConfig {
         max_message_size: 1024,
         keepalive_timeout: keepalive,
+        ..SessionConfig::default()
     })
 }
 
@@ -250,7 +251,7 @@ fn unknown_critical_option_is_4_02() {
 
 #[test]
 fn requests_before_sign_in_get_4_01_and_close() {
-    for path in [&["oic", "rd"][..], &["oic", "sec", "session"], &["nope"]] {
+    for path in [&["oic", "rd"][..], &["oic", "res"], &["nope"]] {
         let mut h = Harness::new(Duration::from_secs(20));
         h.sent();
         h.feed(&request(Code::POST, b"p", path, None));
@@ -261,6 +262,27 @@ fn requests_before_sign_in_get_4_01_and_close() {
         assert!(!sent[0].2.is_empty(), "spec §4.6: a diagnostic payload");
         assert_eq!(h.session.is_closed(), Some(&CloseReason::Unauthorized));
         assert_eq!(h.session.poll_timeout(), None);
+    }
+}
+
+#[test]
+fn an_empty_security_request_is_4_00_and_closes() {
+    // spec §14 item 16: the reference sends nothing; we answer and close.
+    for path in [
+        &["oic", "sec", "session"][..],
+        &["oic", "sec", "account"],
+        &["oic", "sec", "tokenrefresh"],
+    ] {
+        let mut h = Harness::new(Duration::from_secs(20));
+        h.sent();
+        h.feed(&request(Code::POST, b"e", path, None));
+        let sent = h.sent();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].0, Code::BAD_REQUEST, "{path:?}");
+        assert_eq!(
+            h.session.is_closed(),
+            Some(&CloseReason::SecurityRequestFailed)
+        );
     }
 }
 

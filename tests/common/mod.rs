@@ -71,31 +71,58 @@ impl TestPki {
 
 /// Starts a gateway in this process; it stops when dropped.
 pub struct TestGateway {
-    pub runtime: Option<shards::Runtime<coap_gateway::gateway::GatewayMessage>>,
+    pub gateway: Option<server::Gateway>,
     pub addr: SocketAddr,
 }
 
 impl TestGateway {
     pub fn start(config: &Config) -> TestGateway {
-        let runtime = server::start(config).expect("gateway starts");
-        let addr = runtime.local_addr();
+        let gateway = server::start(config).expect("gateway starts");
+        let addr = gateway.local_addr();
         TestGateway {
-            runtime: Some(runtime),
+            gateway: Some(gateway),
             addr,
         }
     }
 
+    fn running(&self) -> &server::Gateway {
+        self.gateway.as_ref().expect("running")
+    }
+
     pub fn stats(&self) -> &[Arc<shards::ShardStats>] {
-        self.runtime.as_ref().expect("running").stats()
+        self.running().runtime.stats()
+    }
+
+    pub fn hub(&self) -> &Arc<coap_gateway::hub::MemoryHub> {
+        &self.running().hub
+    }
+
+    pub fn authority(&self) -> &Arc<coap_gateway::auth::authority::Authority> {
+        self.running()
+            .authority
+            .as_ref()
+            .expect("the embedded authority runs")
+    }
+
+    pub fn provider(&self) -> &Arc<coap_gateway::auth::provider::EmbeddedProvider> {
+        self.running()
+            .provider
+            .as_ref()
+            .expect("the embedded authority runs")
+    }
+
+    /// Starts the drain and waits for it (what dropping does).
+    pub fn stop(&mut self) {
+        if let Some(gw) = self.gateway.take() {
+            gw.shutdown();
+            gw.join();
+        }
     }
 }
 
 impl Drop for TestGateway {
     fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown();
-            rt.join();
-        }
+        self.stop();
     }
 }
 

@@ -1,0 +1,894 @@
+//! The OCF cloud resources of spec §5 on one session: sign-up (§5.2),
+//! sign-off (§5.3), sign-in (§5.4), sign-out (§5.5), token refresh (§5.6),
+//! publish / unpublish / selector (§5.7, §5.8) and discovery (§5.9), with
+//! the checks of spec §4.5 in the order the spec lists them.
+
+use std::time::{Duration, SystemTime};
+
+use super::*;
+use crate::auth::jwt::{
+    expires_in, oauth_expiry, resolve_device_id, same_device_id, sign_in_deadline,
+    CertificateDeviceId, JwtError, VerifiedToken,
+};
+use crate::auth::provider::Grant;
+use crate::hub::{HubError, Online, StoredLink};
+use crate::ocf::account::{SignOffQuery, SignUpRequest, SignUpResponse};
+use crate::ocf::rd::{PublishRequest, SelectorResponse, UnpublishQuery};
+use crate::ocf::res::{DeviceLinks, DiscoveryQuery, DiscoveryResponse};
+use crate::ocf::session::{Credentials, SessionRequest, SignInResponse, SIGN_OUT_RESPONSE};
+use crate::ocf::tokenrefresh::{TokenRefreshRequest, TokenRefreshResponse};
+
+/// A signed-in connection's authorization (spec §4.6). Built only from a
+/// [`VerifiedToken`] that passed the sign-in checks.
+#[derive(Debug, Clone)]
+pub(super) struct SignedIn {
+    pub(super) ctx: AuthContext,
+    /// The token the device signed in with (spec §4.6 `accessToken`).
+    access_token: Box<str>,
+    /// Unix seconds; `None` for a token without `exp` (spec §14 item 15).
+    deadline: Option<u64>,
+}
+
+/// What an exchange is for, and what the waiting requests need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum GrantKey {
+    SignUp {
+        provider: usize,
+        code: String,
+    },
+    Refresh {
+        provider: usize,
+        refresh_token: String,
+    },
+}
+
+/// A request waiting for an exchange's answer.
+#[derive(Debug, Clone)]
+struct Waiter {
+    token: Vec<u8>,
+    format: ContentFormat,
+    /// The request's `di` (sign-up, refresh) and `uid` (refresh).
+    device_id: String,
+    user_id: String,
+}
+
+/// An exchange in flight; identical requests share it (spec §4.8).
+#[derive(Debug, Clone)]
+pub(super) struct PendingExchange {
+    id: u64,
+    key: GrantKey,
+    waiters: Vec<Waiter>,
+}
+
+fn unix(wall: SystemTime) -> u64 {
+    wall.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn unix_ns(wall: SystemTime) -> u64 {
+    wall.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// spec §5.12 + §5.0: a hub failure on the wire.
+fn hub_error(e: HubError) -> SessionError {
+    match e {
+        HubError::InvalidArgument(m) => SessionError::Invalid(m),
+        HubError::PermissionDenied(m) => SessionError::Denied(m),
+        HubError::NotFound(m) => SessionError::Invalid(m),
+        HubError::Unavailable(m) => SessionError::Unavailable(m),
+    }
+}
+
+/// A token check failed: 4.01 (spec §4.5), except a key we do not know
+/// yet, which is 5.03 while the key set is fetched again (spec §4.1), so
+/// the device retries instead of dropping its credentials.
+fn token_error(config: &SessionConfig, e: JwtError) -> SessionError {
+    if e.is_unknown_key() {
+        config.validator.request_refresh();
+        SessionError::Unavailable(format!("cannot verify the token yet: {e}"))
+    } else {
+        SessionError::Denied(format!("invalid token: {e}"))
+    }
+}
+
+impl Session {
+    pub(super) fn is_signed_in(&self, wall: SystemTime) -> bool {
+        // spec §4.6: valid while the deadline is zero or in the future.
+        self.signed_in
+            .as_ref()
+            .is_some_and(|s| s.deadline.is_none_or(|d| d > unix(wall)))
+    }
+
+    fn certificate(&self) -> CertificateDeviceId<'_> {
+        if self.config.certificate_device_id {
+            CertificateDeviceId::Required(self.identity.device_id.as_deref())
+        } else {
+            CertificateDeviceId::NotRequired
+        }
+    }
+
+    fn write_response(
+        &mut self,
+        code: Code,
+        token: &[u8],
+        format: Option<ContentFormat>,
+        body: &[u8],
+    ) {
+        let mut response = MessageWriter::new(&mut self.out, code, token);
+        if let Some(format) = format {
+            response.option_uint(option::CONTENT_FORMAT, u32::from(format.number()));
+        }
+        if !body.is_empty() {
+            response.payload(body);
+        }
+        response.finish();
+    }
+
+    /// Every request but `/x.plgd.dev/time` (spec §5.1).
+    pub(super) fn handle_ocf_request(
+        &mut self,
+        wall: SystemTime,
+        msg: MessageRef<'_>,
+    ) -> Result<(), SessionError> {
+        let security = if msg.uri_path_is(&["oic", "sec", "account"]) {
+            Some(match msg.code {
+                Code::POST => self.sign_up(wall, &msg),
+                Code::DELETE => self.sign_off(wall, &msg),
+                _ => Err(SessionError::MethodNotAllowed),
+            })
+        } else if msg.uri_path_is(&["oic", "sec", "session"]) {
+            Some(match msg.code {
+                Code::POST => self.sign_in_or_out(wall, &msg),
+                _ => Err(SessionError::MethodNotAllowed),
+            })
+        } else if msg.uri_path_is(&["oic", "sec", "tokenrefresh"]) {
+            Some(match msg.code {
+                Code::POST => self.refresh(wall, &msg),
+                _ => Err(SessionError::MethodNotAllowed),
+            })
+        } else {
+            None
+        };
+        if let Some(result) = security {
+            // spec §5.0: any failure on /oic/sec/* answers, then closes.
+            if let Err(e) = result {
+                self.apply_closing(&e, msg.token, true);
+            }
+            return Ok(());
+        }
+        // spec §4.6: everything else needs a valid session.
+        if !self.is_signed_in(wall) {
+            return Err(SessionError::Unauthorized);
+        }
+        if let Some(number) = msg.first_unknown_critical_option() {
+            return Err(SessionError::BadOption(number));
+        }
+        if msg.uri_path_is(&["oic", "rd"]) {
+            match msg.code {
+                Code::POST => self.publish(wall, &msg),
+                Code::DELETE => self.unpublish(wall, &msg),
+                Code::GET => self.selector(&msg),
+                _ => Err(SessionError::MethodNotAllowed),
+            }
+        } else if msg.uri_path_is(&["oic", "res"]) {
+            match msg.code {
+                Code::GET => self.discovery(wall, &msg),
+                _ => Err(SessionError::MethodNotAllowed),
+            }
+        } else {
+            Err(SessionError::UnknownPath)
+        }
+    }
+
+    // -- sign-up (spec §5.2) ------------------------------------------------
+
+    fn provider_index(&self, name: &str) -> Option<usize> {
+        self.config.providers.iter().position(|p| p.name() == name)
+    }
+
+    fn sign_up(&mut self, wall: SystemTime, msg: &MessageRef<'_>) -> Result<(), SessionError> {
+        if let Some(number) = msg.first_unknown_critical_option() {
+            return Err(SessionError::BadOption(number));
+        }
+        let request =
+            SignUpRequest::decode(msg.payload).map_err(|e| SessionError::Invalid(e.to_string()))?;
+        let format = ContentFormat::from_accept(msg.accept())
+            .ok_or(SessionError::BadRequest("unsupported accept"))?;
+        let provider = self
+            .provider_index(request.authorization_provider)
+            .ok_or_else(|| {
+                SessionError::Denied(format!(
+                    "unknown authorization provider {:?}",
+                    request.authorization_provider
+                ))
+            })?;
+        let waiter = Waiter {
+            token: msg.token.to_vec(),
+            format,
+            device_id: request.device_id.to_owned(),
+            user_id: String::new(),
+        };
+        let key = GrantKey::SignUp {
+            provider,
+            code: request.authorization_code.to_owned(),
+        };
+        // The device the code is redeemed for: the certificate's with mTLS
+        // identity certificates, else the request's `di` (spec §4.3).
+        let device_id = match self.certificate() {
+            CertificateDeviceId::Required(Some(id)) => id.to_owned(),
+            _ => request.device_id.to_owned(),
+        };
+        self.start_exchange(
+            wall,
+            key,
+            Grant::AuthorizationCode(request.authorization_code.to_owned()),
+            device_id,
+            waiter,
+        );
+        Ok(())
+    }
+
+    /// spec §4.8: answered from the connection's cache, joined to an
+    /// identical exchange in flight, or started.
+    fn start_exchange(
+        &mut self,
+        wall: SystemTime,
+        key: GrantKey,
+        grant: Grant,
+        device_id: String,
+        waiter: Waiter,
+    ) {
+        if let Some((cached, tokens)) = &self.exchange_cache {
+            if *cached == key {
+                let tokens = tokens.clone();
+                self.finish_exchange(wall, &key, Ok(tokens), waiter);
+                return;
+            }
+        }
+        if let Some(pending) = self.pending.iter_mut().find(|p| p.key == key) {
+            pending.waiters.push(waiter);
+            return;
+        }
+        let id = self.next_exchange_id;
+        self.next_exchange_id += 1;
+        let provider = match &key {
+            GrantKey::SignUp { provider, .. } | GrantKey::Refresh { provider, .. } => *provider,
+        };
+        self.pending.push(PendingExchange {
+            id,
+            key,
+            waiters: vec![waiter],
+        });
+        self.exchanges_out.push(Exchange {
+            id,
+            provider,
+            request: ExchangeRequest {
+                grant,
+                device_id,
+                now_unix: unix(wall),
+            },
+        });
+    }
+
+    /// The answer to [`Exchange`] `id`.
+    pub fn handle_exchange(
+        &mut self,
+        now: Instant,
+        wall: SystemTime,
+        id: u64,
+        result: Result<TokenSet, OAuthError>,
+    ) {
+        self.now = now;
+        let Some(at) = self.pending.iter().position(|p| p.id == id) else {
+            return;
+        };
+        let pending = self.pending.remove(at);
+        if self.closed.is_some() {
+            return;
+        }
+        if let Ok(tokens) = &result {
+            self.exchange_cache = Some((pending.key.clone(), tokens.clone()));
+        }
+        for waiter in pending.waiters {
+            self.finish_exchange(wall, &pending.key, result.clone(), waiter);
+        }
+    }
+
+    fn finish_exchange(
+        &mut self,
+        wall: SystemTime,
+        key: &GrantKey,
+        result: Result<TokenSet, OAuthError>,
+        waiter: Waiter,
+    ) {
+        let outcome = match result {
+            // spec §5.2 / §5.6: a failed exchange is 5.03 (for refresh even
+            // when the provider rejected the token: the quirk of §14 item 3
+            // is kept, devices then retry rather than forget their
+            // registration).
+            Err(OAuthError::Unavailable(e)) => Err(SessionError::Unavailable(format!(
+                "cannot reach the authorization provider: {e}"
+            ))),
+            Err(OAuthError::Rejected(e)) => Err(SessionError::ServiceUnavailable(format!(
+                "the authorization provider refused: {e}"
+            ))),
+            Ok(tokens) => match key {
+                GrantKey::SignUp { .. } => self.complete_sign_up(wall, &tokens, &waiter),
+                GrantKey::Refresh { .. } => self.complete_refresh(wall, &tokens, &waiter),
+            },
+        };
+        if let Err(e) = outcome {
+            // spec §5.0: /oic/sec/* failures close the connection.
+            self.apply_closing(&e, &waiter.token, true);
+        }
+    }
+
+    fn complete_sign_up(
+        &mut self,
+        wall: SystemTime,
+        tokens: &TokenSet,
+        waiter: &Waiter,
+    ) -> Result<(), SessionError> {
+        let now = unix(wall);
+        if tokens.refresh_token.is_empty() {
+            return Err(SessionError::Denied(
+                "the authorization provider returned no refresh token".into(),
+            ));
+        }
+        let expiry = oauth_expiry(tokens.expires_in, now);
+        if expiry.is_some_and(|e| e <= now) {
+            return Err(SessionError::Denied(
+                "the access token is already expired".into(),
+            ));
+        }
+        let verified = self
+            .config
+            .validator
+            .load()
+            .validate(&tokens.access_token, now)
+            .map_err(|e| token_error(&self.config, e))?;
+        let ctx = self.authorize(&verified, &waiter.device_id)?;
+        self.config.hub.add_device(&ctx).map_err(hub_error)?;
+        let mut body = Vec::new();
+        SignUpResponse {
+            access_token: &tokens.access_token,
+            user_id: &ctx.owner,
+            refresh_token: &tokens.refresh_token,
+            expires_in: expires_in(expiry, now),
+            redirect_uri: "",
+        }
+        .encode(waiter.format, &mut body)
+        .map_err(|_| SessionError::Internal("cannot encode the sign-up response"))?;
+        tracing::info!(device_id = %ctx.device_id, owner = %ctx.owner, "device signed up");
+        self.write_response(Code::CHANGED, &waiter.token, Some(waiter.format), &body);
+        Ok(())
+    }
+
+    /// spec §4.3: the device a verified token speaks for, with the owner
+    /// and the token's identity as the authorization context.
+    fn authorize(
+        &self,
+        verified: &VerifiedToken,
+        param_device_id: &str,
+    ) -> Result<AuthContext, SessionError> {
+        let owner = verified.owner();
+        if owner.is_empty() {
+            return Err(SessionError::Denied("the token has no owner".into()));
+        }
+        let device_id = resolve_device_id(verified, self.certificate(), param_device_id)
+            .map_err(|e| SessionError::Denied(e.to_string()))?;
+        Ok(AuthContext {
+            owner: owner.to_owned(),
+            device_id,
+            subject: verified.subject().map(str::to_owned),
+            token_id: verified.token_id().map(str::to_owned),
+        })
+    }
+
+    // -- sign-off (spec §5.3) -----------------------------------------------
+
+    fn session_credentials(&self, wall: SystemTime) -> Credentials<'_> {
+        match &self.signed_in {
+            Some(s) if self.is_signed_in(wall) => Credentials {
+                device_id: &s.ctx.device_id,
+                user_id: &s.ctx.owner,
+                access_token: &s.access_token,
+            },
+            _ => Credentials::default(),
+        }
+    }
+
+    fn sign_off(&mut self, wall: SystemTime, msg: &MessageRef<'_>) -> Result<(), SessionError> {
+        let now = unix(wall);
+        let query = SignOffQuery::parse(msg.uri_queries())
+            .map_err(|e| SessionError::BadQuery(e.to_string()))?;
+        let credentials = query.credentials().or(self.session_credentials(wall));
+        credentials
+            .check()
+            .map_err(|e| SessionError::Invalid(e.to_string()))?;
+        let verified = self
+            .config
+            .validator
+            .load()
+            .validate(credentials.access_token, now)
+            .map_err(|e| token_error(&self.config, e))?;
+        if verified.owner() != credentials.user_id {
+            return Err(SessionError::Denied(
+                "the token's owner is not the uid".into(),
+            ));
+        }
+        let ctx = self.authorize(&verified, credentials.device_id)?;
+        // Our own connection goes OFFLINE first, so that removing the
+        // device does not close it (spec §5.3: the connection stays open).
+        if let Some(signed_in) = self.signed_in.take() {
+            self.config
+                .hub
+                .set_offline(&signed_in.ctx.device_id, self.identity.connection);
+        }
+        self.timers[Timer::Deadline as usize] = None;
+        self.config
+            .hub
+            .delete_device(&ctx.owner, &ctx.device_id)
+            .map_err(|e| SessionError::Invalid(format!("cannot sign off: {e}")))?;
+        for provider in &self.config.providers {
+            provider.revoke_device(&ctx.device_id);
+        }
+        tracing::info!(device_id = %ctx.device_id, owner = %ctx.owner, "device signed off");
+        self.write_response(Code::DELETED, msg.token, None, &[]);
+        Ok(())
+    }
+
+    // -- sign-in and sign-out (spec §5.4, §5.5) -----------------------------
+
+    fn sign_in_or_out(
+        &mut self,
+        wall: SystemTime,
+        msg: &MessageRef<'_>,
+    ) -> Result<(), SessionError> {
+        if let Some(number) = msg.first_unknown_critical_option() {
+            return Err(SessionError::BadOption(number));
+        }
+        let request = SessionRequest::decode(msg.payload)
+            .map_err(|e| SessionError::Invalid(e.to_string()))?;
+        if request.login {
+            self.sign_in(wall, msg, request.credentials)
+        } else {
+            self.sign_out(wall, msg, request.credentials)
+        }
+    }
+
+    fn sign_in(
+        &mut self,
+        wall: SystemTime,
+        msg: &MessageRef<'_>,
+        credentials: Credentials<'_>,
+    ) -> Result<(), SessionError> {
+        let now = unix(wall);
+        credentials
+            .check()
+            .map_err(|e| SessionError::Invalid(e.to_string()))?;
+        let format = ContentFormat::from_accept(msg.accept())
+            .ok_or_else(|| SessionError::ServiceUnavailable("unsupported accept".into()))?;
+        let verified = self
+            .config
+            .validator
+            .load()
+            .validate(credentials.access_token, now)
+            .map_err(|e| token_error(&self.config, e))?;
+        if verified.owner() != credentials.user_id {
+            return Err(SessionError::Denied(format!(
+                "the token's owner is not the uid {:?}",
+                credentials.user_id
+            )));
+        }
+        let ctx = self.authorize(&verified, credentials.device_id)?;
+        let deadline = sign_in_deadline(
+            verified.expires_at(),
+            self.config.owner_cache_expiration,
+            now,
+        )
+        .map_err(|e| SessionError::Denied(e.to_string()))?;
+        if !self.config.hub.owns(&ctx.owner, &ctx.device_id) {
+            return Err(SessionError::Denied(format!(
+                "access to device {} denied: it is not registered to this owner",
+                ctx.device_id
+            )));
+        }
+        let previous = self.signed_in.take();
+        let same = previous.as_ref().is_some_and(|p| {
+            same_device_id(&p.ctx.device_id, &ctx.device_id) && p.ctx.owner == ctx.owner
+        });
+        if let (Some(previous), false) = (&previous, same) {
+            // Another device or owner on this connection: the old one goes
+            // OFFLINE. (The reference skips ONLINE for the new one, a quirk
+            // only the hub sees; here the hub's view stays exact.)
+            self.config
+                .hub
+                .set_offline(&previous.ctx.device_id, self.identity.connection);
+        }
+        let mut body = Vec::new();
+        SignInResponse {
+            expires_in: expires_in(deadline, now),
+        }
+        .encode(format, &mut body)
+        .map_err(|_| SessionError::Internal("cannot encode the sign-in response"))?;
+        self.signed_in = Some(SignedIn {
+            ctx: ctx.clone(),
+            access_token: credentials.access_token.into(),
+            deadline,
+        });
+        self.arm_deadline(wall, deadline);
+        // spec §4.8: a successful sign-in clears the exchange caches.
+        self.exchange_cache = None;
+        if !same {
+            // spec §8.1: ONLINE; the hub closes an older connection of the
+            // same device (spec §14 item 13).
+            self.config.hub.set_online(
+                &ctx,
+                Online {
+                    connection: self.identity.connection,
+                    connected_at_ns: unix_ns(wall),
+                    protocol: self.config.protocol,
+                    service_id: self.config.service_id.to_string(),
+                    connection_id: self.identity.remote.to_string(),
+                },
+            );
+            tracing::info!(device_id = %ctx.device_id, owner = %ctx.owner, "device signed in");
+        }
+        self.write_response(Code::CHANGED, msg.token, Some(format), &body);
+        if !same {
+            self.request_local_endpoints();
+        }
+        Ok(())
+    }
+
+    fn arm_deadline(&mut self, wall: SystemTime, deadline: Option<u64>) {
+        self.timers[Timer::Deadline as usize] = deadline.map(|d| {
+            let now = unix(wall);
+            self.keepalive_now() + Duration::from_secs(d.saturating_sub(now))
+        });
+    }
+
+    /// spec §8.1: `GET /oic/res?if=oic.if.ll&rt=oic.wk.d` to learn the
+    /// device's local endpoints (checklist item 28).
+    fn request_local_endpoints(&mut self) {
+        if self.device_request.is_some() {
+            return;
+        }
+        let token = self.next_token();
+        {
+            let mut request = MessageWriter::new(&mut self.out, Code::GET, &token);
+            request
+                .option_str(option::URI_PATH, "oic")
+                .option_str(option::URI_PATH, "res")
+                .option_str(option::URI_QUERY, "if=oic.if.ll")
+                .option_str(option::URI_QUERY, "rt=oic.wk.d");
+            request.finish();
+        }
+        self.device_request = Some(token);
+        self.timers[Timer::DeviceRequest as usize] =
+            Some(self.keepalive_now() + self.config.keepalive_timeout);
+    }
+
+    /// A response from the device: ours, or dropped (spec §2.7).
+    pub(super) fn handle_response(&mut self, _wall: SystemTime, msg: MessageRef<'_>) {
+        if self.device_request.is_none_or(|t| t[..] != *msg.token) {
+            tracing::debug!(code = %msg.code, "dropping a response for an unknown token");
+            return;
+        }
+        self.device_request = None;
+        self.timers[Timer::DeviceRequest as usize] = None;
+        let Some(signed_in) = &self.signed_in else {
+            return;
+        };
+        if msg.code != Code::CONTENT {
+            tracing::debug!(code = %msg.code, "the device did not list its /oic/d link");
+            return;
+        }
+        let endpoints = first_link_endpoints(msg.payload);
+        self.config.hub.set_local_endpoints(
+            &signed_in.ctx.device_id,
+            self.identity.connection,
+            endpoints,
+        );
+    }
+
+    fn sign_out(
+        &mut self,
+        wall: SystemTime,
+        msg: &MessageRef<'_>,
+        credentials: Credentials<'_>,
+    ) -> Result<(), SessionError> {
+        let now = unix(wall);
+        // spec §5.5: missing values come from the session; without one → 4.00.
+        if !self.is_signed_in(wall) {
+            return Err(SessionError::Invalid("not signed in".into()));
+        }
+        let credentials = credentials.or(self.session_credentials(wall));
+        credentials
+            .check()
+            .map_err(|e| SessionError::Invalid(e.to_string()))?;
+        let verified = self
+            .config
+            .validator
+            .load()
+            .validate(credentials.access_token, now)
+            .map_err(|e| token_error(&self.config, e))?;
+        if verified.owner() != credentials.user_id {
+            return Err(SessionError::Denied(
+                "the token's owner is not the uid".into(),
+            ));
+        }
+        self.authorize(&verified, credentials.device_id)?;
+        if let Some(signed_in) = self.signed_in.take() {
+            self.config
+                .hub
+                .set_offline(&signed_in.ctx.device_id, self.identity.connection);
+            tracing::info!(device_id = %signed_in.ctx.device_id, "device signed out");
+        }
+        self.timers[Timer::Deadline as usize] = None;
+        self.write_response(
+            Code::CHANGED,
+            msg.token,
+            Some(ContentFormat::OcfCbor),
+            SIGN_OUT_RESPONSE,
+        );
+        Ok(())
+    }
+
+    // -- token refresh (spec §5.6) ------------------------------------------
+
+    fn refresh(&mut self, wall: SystemTime, msg: &MessageRef<'_>) -> Result<(), SessionError> {
+        if let Some(number) = msg.first_unknown_critical_option() {
+            return Err(SessionError::BadOption(number));
+        }
+        let request = TokenRefreshRequest::decode(msg.payload)
+            .map_err(|e| SessionError::Invalid(e.to_string()))?;
+        let format = ContentFormat::from_accept(msg.accept())
+            .ok_or_else(|| SessionError::ServiceUnavailable("unsupported accept".into()))?;
+        // spec §4.8 asks to try every provider when none is named; with one
+        // provider per deployment in practice, the first configured one is
+        // asked (the embedded authority when it runs).
+        let provider = if request.authorization_provider.is_empty() {
+            (!self.config.providers.is_empty()).then_some(0)
+        } else {
+            self.provider_index(request.authorization_provider)
+        }
+        .ok_or_else(|| {
+            SessionError::Denied(format!(
+                "unknown authorization provider {:?}",
+                request.authorization_provider
+            ))
+        })?;
+        let device_id = match self.certificate() {
+            CertificateDeviceId::Required(Some(id)) => id.to_owned(),
+            _ => request.device_id.to_owned(),
+        };
+        let waiter = Waiter {
+            token: msg.token.to_vec(),
+            format,
+            device_id: request.device_id.to_owned(),
+            user_id: request.user_id.to_owned(),
+        };
+        self.start_exchange(
+            wall,
+            GrantKey::Refresh {
+                provider,
+                refresh_token: request.refresh_token.to_owned(),
+            },
+            Grant::RefreshToken(request.refresh_token.to_owned()),
+            device_id,
+            waiter,
+        );
+        Ok(())
+    }
+
+    fn complete_refresh(
+        &mut self,
+        wall: SystemTime,
+        tokens: &TokenSet,
+        waiter: &Waiter,
+    ) -> Result<(), SessionError> {
+        let now = unix(wall);
+        if tokens.refresh_token.is_empty() {
+            return Err(SessionError::Denied(
+                "the authorization provider returned no refresh token".into(),
+            ));
+        }
+        let verified = self
+            .config
+            .validator
+            .load()
+            .validate_with_owner_fallback(&tokens.access_token, &waiter.user_id, now)
+            .map_err(|e| token_error(&self.config, e))?;
+        let ctx = self.authorize(&verified, &waiter.device_id)?;
+        if !self.config.hub.owns(&ctx.owner, &ctx.device_id) {
+            return Err(SessionError::Denied(format!(
+                "device {} is not registered",
+                ctx.device_id
+            )));
+        }
+        let expiry = oauth_expiry(tokens.expires_in, now);
+        if expiry.is_some_and(|e| e <= now) {
+            return Err(SessionError::Denied(
+                "the access token is already expired".into(),
+            ));
+        }
+        let mut body = Vec::new();
+        TokenRefreshResponse {
+            access_token: &tokens.access_token,
+            refresh_token: &tokens.refresh_token,
+            expires_in: expires_in(expiry, now),
+        }
+        .encode(waiter.format, &mut body)
+        .map_err(|_| SessionError::Internal("cannot encode the refresh response"))?;
+        // spec §4.7: the session takes the new token only if it is signed in.
+        if self.is_signed_in(wall) {
+            if let Some(signed_in) = &mut self.signed_in {
+                if same_device_id(&signed_in.ctx.device_id, &ctx.device_id) {
+                    signed_in.access_token = tokens.access_token.as_str().into();
+                    signed_in.deadline = expiry;
+                    signed_in.ctx = ctx;
+                    self.arm_deadline(wall, expiry);
+                }
+            }
+        }
+        self.write_response(Code::CHANGED, &waiter.token, Some(waiter.format), &body);
+        Ok(())
+    }
+
+    // -- resource directory (spec §5.7, §5.8) --------------------------------
+
+    fn signed_in_ctx(&self) -> Result<AuthContext, SessionError> {
+        self.signed_in
+            .as_ref()
+            .map(|s| s.ctx.clone())
+            .ok_or(SessionError::Unauthorized)
+    }
+
+    fn publish(&mut self, wall: SystemTime, msg: &MessageRef<'_>) -> Result<(), SessionError> {
+        let now = unix(wall);
+        let ctx = self.signed_in_ctx()?;
+        let request = PublishRequest::decode(msg.payload)
+            .map_err(|e| SessionError::Invalid(e.to_string()))?;
+        let format = ContentFormat::from_accept(msg.accept())
+            .ok_or_else(|| SessionError::Failed("unsupported accept".into()))?;
+        // spec §14 item 2, as recommended: a device publishes its own links
+        // only (the reference does not check).
+        if !same_device_id(request.device_id, &ctx.device_id) {
+            return Err(SessionError::Invalid(format!(
+                "cannot publish links of device {}: signed in as {}",
+                request.device_id, ctx.device_id
+            )));
+        }
+        let valid_until = (request.ttl > 0).then(|| now.saturating_add(request.ttl));
+        let links = request
+            .links
+            .iter()
+            .map(|l| {
+                let mut link = StoredLink::from_link(l, valid_until);
+                link.device_id.clone_from(&ctx.device_id);
+                link
+            })
+            .collect();
+        self.config.hub.publish(&ctx, links).map_err(hub_error)?;
+        let mut body = Vec::new();
+        request
+            .encode(format, &mut body)
+            .map_err(|_| SessionError::Internal("cannot encode the publish response"))?;
+        self.write_response(Code::CHANGED, msg.token, Some(format), &body);
+        Ok(())
+    }
+
+    fn unpublish(&mut self, wall: SystemTime, msg: &MessageRef<'_>) -> Result<(), SessionError> {
+        let ctx = self.signed_in_ctx()?;
+        let query = UnpublishQuery::parse(msg.uri_queries())
+            .map_err(|e| SessionError::Invalid(e.to_string()))?;
+        if !same_device_id(&query.device_id, &ctx.device_id) {
+            return Err(SessionError::Invalid(format!(
+                "cannot unpublish links of device {}: signed in as {}",
+                query.device_id, ctx.device_id
+            )));
+        }
+        self.config
+            .hub
+            .unpublish(&ctx, &query.instance_ids, unix(wall))
+            .map_err(|e| {
+                SessionError::Invalid(format!(
+                    "cannot find observed resources using query {:?}: {e}",
+                    query.instance_ids
+                ))
+            })?;
+        self.write_response(Code::DELETED, msg.token, None, &[]);
+        Ok(())
+    }
+
+    fn selector(&mut self, msg: &MessageRef<'_>) -> Result<(), SessionError> {
+        let format = ContentFormat::from_accept(msg.accept())
+            .ok_or_else(|| SessionError::Failed("unsupported accept".into()))?;
+        let mut body = Vec::new();
+        SelectorResponse
+            .encode(format, &mut body)
+            .map_err(|_| SessionError::Internal("cannot encode the selector"))?;
+        self.write_response(Code::CONTENT, msg.token, Some(format), &body);
+        Ok(())
+    }
+
+    // -- discovery (spec §5.9) -----------------------------------------------
+
+    fn discovery(&mut self, wall: SystemTime, msg: &MessageRef<'_>) -> Result<(), SessionError> {
+        let ctx = self.signed_in_ctx()?;
+        let query = DiscoveryQuery::parse(msg.uri_queries())
+            .map_err(|e| SessionError::Invalid(e.to_string()))?;
+        let format = ContentFormat::from_accept(msg.accept())
+            .ok_or_else(|| SessionError::Failed("unsupported accept".into()))?;
+        let device_ids: Vec<&str> = query.device_ids.iter().map(|d| d.as_ref()).collect();
+        let resource_types: Vec<&str> = query.resource_types.iter().map(|r| r.as_ref()).collect();
+        let stored = self
+            .config
+            .hub
+            .links(&ctx.owner, &device_ids, &resource_types, unix(wall));
+        let links: Vec<Vec<_>> = stored
+            .iter()
+            .map(|(_, links)| links.iter().map(StoredLink::as_link).collect())
+            .collect();
+        let devices: Vec<DeviceLinks<'_>> = stored
+            .iter()
+            .zip(&links)
+            .map(|((device_id, _), links)| DeviceLinks { device_id, links })
+            .collect();
+        let endpoint = self
+            .config
+            .discovery_endpoint
+            .get()
+            .map_or("", String::as_str);
+        let mut body = Vec::new();
+        DiscoveryResponse {
+            devices: &devices,
+            endpoint,
+        }
+        .encode(format, &mut body)
+        .map_err(|_| SessionError::Internal("cannot encode the discovery response"))?;
+        self.write_response(Code::CONTENT, msg.token, Some(format), &body);
+        Ok(())
+    }
+}
+
+/// `eps[].ep` of the first link of a `GET /oic/res?if=oic.if.ll` answer
+/// (spec §8.1): a CBOR array of link maps. Anything else gives none.
+fn first_link_endpoints(payload: &[u8]) -> Vec<String> {
+    let mut d = minicbor::Decoder::new(payload);
+    let mut out = Vec::new();
+    let _ = (|| -> Result<(), minicbor::decode::Error> {
+        d.array()?;
+        let Some(entries) = d.map()? else {
+            return Ok(());
+        };
+        for _ in 0..entries {
+            let key = d.str()?;
+            if key != "eps" {
+                d.skip()?;
+                continue;
+            }
+            let Some(n) = d.array()? else {
+                return Ok(());
+            };
+            for _ in 0..n {
+                let Some(fields) = d.map()? else {
+                    return Ok(());
+                };
+                for _ in 0..fields {
+                    if d.str()? == "ep" {
+                        out.push(d.str()?.to_owned());
+                    } else {
+                        d.skip()?;
+                    }
+                }
+            }
+            return Ok(());
+        }
+        Ok(())
+    })();
+    out
+}
