@@ -373,6 +373,12 @@ impl<C: Connection> Driver<C> {
                                 discard += record.discard;
                                 if let Some(app) = self.app.as_mut() {
                                     deliver(app, &mut self.plain_tail, now, record.payload);
+                                } else {
+                                    // TLS 1.3: the client's first records
+                                    // can come with its Finished, before
+                                    // rustls reports WriteTraffic (where the
+                                    // application starts). Keep them for it.
+                                    self.plain_tail.extend_from_slice(record.payload);
                                 }
                             }
                             Err(e) => {
@@ -424,9 +430,13 @@ impl<C: Connection> Driver<C> {
                             cipher_suite: tls.negotiated_cipher_suite().map(|s| s.suite()),
                             ..at.info()
                         };
-                        self.app = Some(service.accept(&info, now));
-                        // Deliver plaintext that arrived with the handshake's
-                        // last flight on the next iteration.
+                        let app = self.app.insert(service.accept(&info, now));
+                        // Plaintext that arrived with the handshake's last
+                        // flight goes to the application first.
+                        if !self.plain_tail.is_empty() {
+                            let early = std::mem::take(&mut self.plain_tail);
+                            deliver(app, &mut self.plain_tail, now, &early);
+                        }
                         continue;
                     }
                     let Some(app) = self.app.as_mut() else { break };
@@ -678,6 +688,17 @@ mod tests {
             let _ = self.client.reader().read_to_end(&mut buf);
             buf
         }
+    }
+
+    #[test]
+    fn data_sent_with_the_clients_finished_is_delivered() {
+        // rustls buffers this and sends it in the same flight as its
+        // Finished (TLS 1.3), so it reaches the driver in one read.
+        let mut p = Pair::new();
+        p.client.writer().write_all(b"early\n").unwrap();
+        p.pump(usize::MAX);
+        assert!(!p.driver.is_handshaking());
+        assert_eq!(p.read_plain(), b"hello\nEARLY\n");
     }
 
     #[test]

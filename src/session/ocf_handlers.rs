@@ -6,11 +6,13 @@
 use std::time::{Duration, SystemTime};
 
 use super::*;
+use crate::auth::jwks::KeyLookupError;
 use crate::auth::jwt::{
     expires_in, oauth_expiry, resolve_device_id, same_device_id, sign_in_deadline,
     CertificateDeviceId, JwtError, VerifiedToken,
 };
 use crate::auth::provider::Grant;
+use crate::auth::validator::UnknownKey;
 use crate::hub::{HubError, Online, StoredLink};
 use crate::ocf::account::{SignOffQuery, SignUpRequest, SignUpResponse};
 use crate::ocf::rd::{PublishRequest, SelectorResponse, UnpublishQuery};
@@ -81,15 +83,16 @@ fn hub_error(e: HubError) -> SessionError {
 }
 
 /// A token check failed: 4.01 (spec §4.5), except a key we do not know
-/// yet, which is 5.03 while the key set is fetched again (spec §4.1), so
-/// the device retries instead of dropping its credentials.
+/// yet while the key set is fetched again (spec §4.1): 5.03, so the device
+/// retries instead of dropping its credentials. With the embedded keys, or
+/// once a fetch came back without the key, it is 4.01.
 fn token_error(config: &SessionConfig, e: JwtError) -> SessionError {
-    if e.is_unknown_key() {
-        config.validator.request_refresh();
-        SessionError::Unavailable(format!("cannot verify the token yet: {e}"))
-    } else {
-        SessionError::Denied(format!("invalid token: {e}"))
+    if let JwtError::Key(KeyLookupError::UnknownKid(kid)) = &e {
+        if config.validator.unknown_key(kid) == UnknownKey::Fetching {
+            return SessionError::Unavailable(format!("cannot verify the token yet: {e}"));
+        }
     }
+    SessionError::Denied(format!("invalid token: {e}"))
 }
 
 impl Session {

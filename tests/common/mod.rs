@@ -2,6 +2,8 @@
 //! process on a loopback port, and a blocking CoAP-over-TLS test device.
 #![allow(dead_code)]
 
+pub mod ocf;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
