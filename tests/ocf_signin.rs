@@ -329,3 +329,30 @@ fn item_33_session_deadline_closes_the_connection_and_goes_offline() {
     );
     wait_offline(&gw, OWNER);
 }
+
+/// spec §14 item 13, as recommended: a second sign-in of the same device on
+/// a new connection closes the older connection; the newer stays ONLINE
+/// (the older one's close does not turn it OFFLINE) and keeps working.
+#[test]
+fn a_second_sign_in_of_the_device_closes_the_older_connection() {
+    let pki = TestPki::new();
+    let gw = start(&pki);
+    let (mut first, reg) = signed_in(&gw, &pki);
+    wait_online(&gw, OWNER);
+    let first_addr = first.local_addr().to_string();
+
+    let mut second = OcfDevice::connect(&gw, &pki);
+    second.sign_in_ok(&reg.uid, &reg.access_token);
+    first.expect_closed(PATIENCE);
+    let second_addr = second.local_addr().to_string();
+    let status = wait_until(PATIENCE, "the newer connection online", || {
+        let status = record(&gw, OWNER)?.status;
+        (status.online && status.connection_id == second_addr).then_some(status)
+    });
+    assert_ne!(status.connection_id, first_addr);
+    // Still ONLINE a moment later: the older close came and went.
+    second.settle(Duration::from_millis(200));
+    assert!(record(&gw, OWNER).expect("device").status.online);
+    let m = second.request(&Request::get("/oic/rd"));
+    assert_eq!(m.code, Code::CONTENT, "{:?}", text(&m));
+}

@@ -38,6 +38,10 @@ pub enum SessionError {
     /// 5.03 for a transient cause: the device retries (spec §5.0).
     #[error("temporary error: {0}")]
     Unavailable(String),
+    /// 5.03 while the issuer's key set is fetched again for a token's
+    /// unknown `kid` (spec §4.1); sign-up and refresh wait for it instead.
+    #[error("temporary error: {0}")]
+    KeysPending(String),
     /// 5.03 without the transient prefix (spec §5.2/§5.6: the OAuth step
     /// failed for good, and the reference still answers 5.03).
     #[error("{0}")]
@@ -80,9 +84,9 @@ impl SessionError {
             // spec §5.1: an unsupported method on a known path is 4.04, as
             // is an unknown path.
             SessionError::MethodNotAllowed | SessionError::UnknownPath => respond(Code::NOT_FOUND),
-            SessionError::Unavailable(_) | SessionError::ServiceUnavailable(_) => {
-                respond(Code::SERVICE_UNAVAILABLE)
-            }
+            SessionError::Unavailable(_)
+            | SessionError::KeysPending(_)
+            | SessionError::ServiceUnavailable(_) => respond(Code::SERVICE_UNAVAILABLE),
             SessionError::Internal(_) | SessionError::Failed(_) => {
                 respond(Code::INTERNAL_SERVER_ERROR)
             }

@@ -145,8 +145,10 @@ enum Timer {
     Deadline = 1,
     /// A request we sent the device waits for its answer (spec §8.1).
     DeviceRequest = 2,
+    /// Exchanged tokens wait for the issuer's new keys (spec §4.1).
+    KeyRetry = 3,
 }
-const TIMERS: usize = 3;
+const TIMERS: usize = 4;
 
 /// Peer capabilities from its CSM (RFC 8323 §5.3). A device that sends no
 /// CSM gets the defaults (spec §2.3: real devices skip it).
@@ -189,8 +191,12 @@ pub struct Session {
     /// The request we sent the device (spec §8.1 `GET /oic/res`) and its
     /// token; one at a time (spec §2.6).
     device_request: Option<[u8; 8]>,
-    /// The `now` of the latest input, for deadlines set by handlers.
+    /// The `now` of the latest input, for deadlines set by handlers, and
+    /// the wall clock at that moment.
     now: Instant,
+    wall: SystemTime,
+    /// Exchanged tokens whose `kid` is being fetched (spec §4.1).
+    awaiting_keys: Vec<ocf_handlers::AwaitingKeys>,
 }
 
 impl Session {
@@ -214,6 +220,8 @@ impl Session {
             next_exchange_id: 0,
             device_request: None,
             now,
+            wall: SystemTime::UNIX_EPOCH,
+            awaiting_keys: Vec::new(),
         };
         let token = session.next_token();
         // spec §2.3: the CSM carries no options (neither Max-Message-Size nor
@@ -237,6 +245,7 @@ impl Session {
             return;
         }
         self.now = now;
+        self.wall = wall;
         // spec §2.4 step 1: every inbound frame counts as activity.
         self.keepalive.on_activity(now);
         let result = if msg.code.is_signal() {
@@ -297,6 +306,10 @@ impl Session {
             self.timers[Timer::Deadline as usize] = None;
             tracing::debug!("closing a connection whose token deadline passed (spec §4.7)");
             self.closed = Some(CloseReason::TokenExpired);
+        }
+        if self.timers[Timer::KeyRetry as usize].is_some_and(|at| now >= at) {
+            self.timers[Timer::KeyRetry as usize] = None;
+            self.retry_awaiting_keys();
         }
         if self.timers[Timer::DeviceRequest as usize].is_some_and(|at| now >= at) {
             self.timers[Timer::DeviceRequest as usize] = None;
@@ -379,6 +392,11 @@ impl Session {
 
     fn keepalive_now(&self) -> Instant {
         self.now
+    }
+
+    /// The wall clock at `self.now`, from the last input that carried it.
+    fn wall_now(&self) -> SystemTime {
+        self.wall
     }
 
     fn arm_keepalive(&mut self) {

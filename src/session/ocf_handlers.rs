@@ -47,12 +47,28 @@ pub(super) enum GrantKey {
 /// A request waiting for an exchange's answer.
 #[derive(Debug, Clone)]
 struct Waiter {
+    /// When the request came: waiting for keys ends a keepalive later.
+    since: Instant,
     token: Vec<u8>,
     format: ContentFormat,
     /// The request's `di` (sign-up, refresh) and `uid` (refresh).
     device_id: String,
     user_id: String,
 }
+
+/// Tokens an exchange returned whose signing key is being fetched: the
+/// provider has already spent the code or refresh token, so they are kept
+/// and checked again when new keys may have come (spec §4.1), rather than
+/// failing the device for good.
+#[derive(Debug, Clone)]
+pub(super) struct AwaitingKeys {
+    key: GrantKey,
+    tokens: TokenSet,
+    waiter: Waiter,
+}
+
+/// How often kept tokens are checked again while their key is fetched.
+const KEY_RETRY: Duration = Duration::from_millis(100);
 
 /// An exchange in flight; identical requests share it (spec §4.8).
 #[derive(Debug, Clone)]
@@ -89,7 +105,7 @@ fn hub_error(e: HubError) -> SessionError {
 fn token_error(config: &SessionConfig, e: JwtError) -> SessionError {
     if let JwtError::Key(KeyLookupError::UnknownKid(kid)) = &e {
         if config.validator.unknown_key(kid) == UnknownKey::Fetching {
-            return SessionError::Unavailable(format!("cannot verify the token yet: {e}"));
+            return SessionError::KeysPending(format!("cannot verify the token yet: {e}"));
         }
     }
     SessionError::Denied(format!("invalid token: {e}"))
@@ -207,6 +223,7 @@ impl Session {
                 ))
             })?;
         let waiter = Waiter {
+            since: self.now,
             token: msg.token.to_vec(),
             format,
             device_id: request.device_id.to_owned(),
@@ -283,6 +300,7 @@ impl Session {
         result: Result<TokenSet, OAuthError>,
     ) {
         self.now = now;
+        self.wall = wall;
         let Some(at) = self.pending.iter().position(|p| p.id == id) else {
             return;
         };
@@ -305,6 +323,7 @@ impl Session {
         result: Result<TokenSet, OAuthError>,
         waiter: Waiter,
     ) {
+        let tokens_kept = result.clone();
         let outcome = match result {
             // spec §5.2 / §5.6: a failed exchange is 5.03 (for refresh even
             // when the provider rejected the token: the quirk of §14 item 3
@@ -321,9 +340,29 @@ impl Session {
                 GrantKey::Refresh { .. } => self.complete_refresh(wall, &tokens, &waiter),
             },
         };
-        if let Err(e) = outcome {
+        match outcome {
+            Ok(()) => {}
+            Err(SessionError::KeysPending(_))
+                if self.now < waiter.since + self.config.keepalive_timeout =>
+            {
+                let Ok(tokens) = tokens_kept else { return };
+                self.awaiting_keys.push(AwaitingKeys {
+                    key: key.clone(),
+                    tokens,
+                    waiter,
+                });
+                self.timers[Timer::KeyRetry as usize] = Some(self.now + KEY_RETRY);
+            }
             // spec §5.0: /oic/sec/* failures close the connection.
-            self.apply_closing(&e, &waiter.token, true);
+            Err(e) => self.apply_closing(&e, &waiter.token, true),
+        }
+    }
+
+    /// The key-retry timer: check the kept tokens again.
+    pub(super) fn retry_awaiting_keys(&mut self) {
+        let wall = self.wall_now();
+        for kept in std::mem::take(&mut self.awaiting_keys) {
+            self.finish_exchange(wall, &kept.key, Ok(kept.tokens), kept.waiter);
         }
     }
 
@@ -669,6 +708,7 @@ impl Session {
             _ => request.device_id.to_owned(),
         };
         let waiter = Waiter {
+            since: self.now,
             token: msg.token.to_vec(),
             format,
             device_id: request.device_id.to_owned(),
