@@ -528,6 +528,9 @@ fn item_17_sign_up_through_the_external_provider() {
             ("code", &code),
             ("client_id", CLIENT_ID),
             ("client_secret", "s3cret &=+"),
+            // The device redeeming the code (src/auth/oauth.rs: RFC 6749
+            // §3.2 servers ignore what they do not know).
+            ("device_id", DEVICE_ID),
             ("redirect_uri", "https://app.example/cb?x=1"),
             ("scope", "openid offline_access"),
         ]),
@@ -696,6 +699,7 @@ fn item_35_sign_in_then_refresh_through_the_external_provider() {
             ("grant_type", "authorization_code"),
             ("code", &code),
             ("client_id", CLIENT_ID),
+            ("device_id", DEVICE_ID),
         ]),
         "a public client without redirect URL or scopes"
     );

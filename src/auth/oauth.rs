@@ -204,7 +204,7 @@ impl HttpProvider {
     /// with IO and time enabled (the one the client is used on).
     /// [`TokenProvider::exchange`] spawns this.
     pub async fn request_tokens(&self, grant: &Grant) -> Result<TokenSet, OAuthError> {
-        self.inner.request(grant).await
+        self.inner.request(grant, "").await
     }
 }
 
@@ -229,13 +229,22 @@ fn read_secret(provider: &str, path: &std::path::Path) -> Result<String, OAuthCo
 impl Endpoint {
     /// The form body of the token request (RFC 6749 §4.1.3 and §6,
     /// `application/x-www-form-urlencoded` per Appendix B).
-    fn form(&self, grant: &Grant) -> String {
+    ///
+    /// With the code goes `device_id`, the device redeeming it: RFC 6749
+    /// §3.2 has servers ignore parameters they do not know, and an
+    /// authority that binds tokens to devices (this gateway's own
+    /// `/oauth/token`) puts it in the device-ID claim that
+    /// `mode = "device-id-claim"` requires.
+    fn form(&self, grant: &Grant, device_id: &str) -> String {
         let mut form = form_urlencoded::Serializer::new(String::new());
         match grant {
             Grant::AuthorizationCode(code) => {
                 form.append_pair("grant_type", "authorization_code");
                 form.append_pair("code", code);
                 self.append_client(&mut form);
+                if !device_id.is_empty() {
+                    form.append_pair("device_id", device_id);
+                }
                 if !self.redirect_url.is_empty() {
                     form.append_pair("redirect_uri", &self.redirect_url);
                 }
@@ -260,14 +269,14 @@ impl Endpoint {
         }
     }
 
-    async fn request(&self, grant: &Grant) -> Result<TokenSet, OAuthError> {
+    async fn request(&self, grant: &Grant, device_id: &str) -> Result<TokenSet, OAuthError> {
         let kind = match grant {
             Grant::AuthorizationCode(_) => "authorization_code",
             Grant::RefreshToken(_) => "refresh_token",
         };
         // reqwest's own timeout covers the request too; this one also
         // bounds the body read, whatever reqwest does, and gives one text.
-        let result = match tokio::time::timeout(self.timeout, self.post(grant)).await {
+        let result = match tokio::time::timeout(self.timeout, self.post(grant, device_id)).await {
             Ok(result) => result,
             Err(_) => Err(OAuthError::Unavailable(format!(
                 "token endpoint did not answer within {}",
@@ -286,7 +295,7 @@ impl Endpoint {
         result
     }
 
-    async fn post(&self, grant: &Grant) -> Result<TokenSet, OAuthError> {
+    async fn post(&self, grant: &Grant, device_id: &str) -> Result<TokenSet, OAuthError> {
         let mut response = self
             .client
             .post(&self.token_url)
@@ -295,7 +304,7 @@ impl Endpoint {
                 "application/x-www-form-urlencoded",
             )
             .header(reqwest::header::ACCEPT, "application/json")
-            .body(self.form(grant))
+            .body(self.form(grant, device_id))
             .send()
             .await
             .map_err(|e| OAuthError::Unavailable(describe_transport_error(&e)))?;
@@ -484,7 +493,7 @@ impl TokenProvider for HttpProvider {
         // A runtime that has shut down drops the future unpolled, and the
         // guard answers `Unavailable`.
         drop(self.runtime.spawn(async move {
-            let result = endpoint.request(&request.grant).await;
+            let result = endpoint.request(&request.grant, &request.device_id).await;
             guard.complete(result);
         }));
         None
@@ -676,6 +685,7 @@ mod tests {
             bodies[0],
             "grant_type=authorization_code&code=c0de+%2B%26%3D%2F%3F%C3%A9\
              &client_id=gateway&client_secret=s3cret%26%3D%2B+%C3%A9\
+             &device_id=5bbc55bb-686f-4068-6c2d-75c4a8b4f49a\
              &redirect_uri=https%3A%2F%2Fapp.example%2Fcb%3Fx%3D1&scope=openid+offline_access"
         );
     }
@@ -715,7 +725,8 @@ mod tests {
         );
         assert_eq!(
             server.bodies.lock().unwrap()[0],
-            "grant_type=authorization_code&code=c0de+%2B%26%3D%2F%3F%C3%A9&client_id=gateway"
+            "grant_type=authorization_code&code=c0de+%2B%26%3D%2F%3F%C3%A9&client_id=gateway\
+             &device_id=5bbc55bb-686f-4068-6c2d-75c4a8b4f49a"
         );
     }
 
