@@ -4,8 +4,14 @@
 //! handshake, write a CSM (10 bytes, like the gateway's), wait for the
 //! client to close (answering its close_notify), next. Its CPU time is read
 //! from `/proc/self/task/<tid>/stat`.
+//!
+//! With a [`BareVerifier`] it is the floor of a full OCF connect instead:
+//! after the CSM it reads the client's first request (skipping its CSM),
+//! takes `accesstoken` out of the CBOR body, verifies it with bare
+//! `jsonwebtoken` and answers 2.04 `{expiresin}` (4.01 if the token fails),
+//! then waits for the close.
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,10 +20,15 @@ use std::time::Duration;
 
 use coap_gateway::auth::tls::{server_config, TlsFiles};
 use coap_gateway::auth::ClientAuth;
-use coap_gateway::coap::signal;
+use coap_gateway::coap::{deframer, option, signal, Code, MessageWriter};
 use rustls::{ServerConfig, ServerConnection};
 
+use crate::jwt::BareVerifier;
+use crate::ocf::{self, Val};
 use crate::procfs;
+
+/// Largest message the baseline server accepts.
+const MAX_MESSAGE: usize = 64 << 10;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -31,6 +42,14 @@ pub struct BaselineServer {
 
 impl BaselineServer {
     pub fn start(files: &TlsFiles) -> Result<BaselineServer, String> {
+        Self::start_with(files, None)
+    }
+
+    /// With `verifier`: the sign-in floor (see the module documentation).
+    pub fn start_with(
+        files: &TlsFiles,
+        verifier: Option<Arc<BareVerifier>>,
+    ) -> Result<BaselineServer, String> {
         let config = server_config(files, ClientAuth::Identity)
             .map_err(|e| format!("baseline server config: {e}"))?;
         let listener = TcpListener::bind("127.0.0.1:0")
@@ -45,7 +64,7 @@ impl BaselineServer {
                 .name("baseline-server".into())
                 .spawn(move || {
                     tid.store(procfs::current_tid().unwrap_or(0), Ordering::SeqCst);
-                    serve(&listener, &config, &stop, &failures);
+                    serve(&listener, &config, verifier.as_deref(), &stop, &failures);
                 })
                 .map_err(|e| format!("cannot start the baseline server thread: {e}"))?
         };
@@ -88,6 +107,7 @@ impl Drop for BaselineServer {
 fn serve(
     listener: &TcpListener,
     config: &Arc<ServerConfig>,
+    verifier: Option<&BareVerifier>,
     stop: &AtomicBool,
     failures: &AtomicU64,
 ) {
@@ -101,13 +121,18 @@ fn serve(
         token += 1;
         csm.clear();
         signal::write_csm(&mut csm, &token.to_be_bytes(), None, false);
-        if one_connection(&mut sock, config, &csm).is_err() {
+        if one_connection(&mut sock, config, &csm, verifier).is_err() {
             failures.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
-fn one_connection(sock: &mut TcpStream, config: &Arc<ServerConfig>, csm: &[u8]) -> io::Result<()> {
+fn one_connection(
+    sock: &mut TcpStream,
+    config: &Arc<ServerConfig>,
+    csm: &[u8],
+    verifier: Option<&BareVerifier>,
+) -> io::Result<()> {
     sock.set_nodelay(true)?;
     sock.set_read_timeout(Some(IO_TIMEOUT))?;
     sock.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -124,6 +149,9 @@ fn one_connection(sock: &mut TcpStream, config: &Arc<ServerConfig>, csm: &[u8]) 
     conn.writer().write_all(csm)?;
     while conn.wants_write() {
         conn.write_tls(sock)?;
+    }
+    if let Some(verifier) = verifier {
+        sign_in(sock, &mut conn, verifier)?;
     }
     // Wait for the client's close (it closes once it has the CSM).
     for _ in 0..64 {
@@ -142,4 +170,64 @@ fn one_connection(sock: &mut TcpStream, config: &Arc<ServerConfig>, csm: &[u8]) 
         }
     }
     Ok(())
+}
+
+/// Reads until the client's first request, verifies its `accesstoken` and
+/// answers it.
+fn sign_in(
+    sock: &mut TcpStream,
+    conn: &mut ServerConnection,
+    verifier: &BareVerifier,
+) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(2048);
+    let mut chunk = [0u8; 4096];
+    for _ in 0..64 {
+        while let Some((msg, len)) = deframer::next_message(&buf, MAX_MESSAGE)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?
+        {
+            if !msg.code.is_request() {
+                buf.drain(..len);
+                continue;
+            }
+            let verified = ocf::access_token_of(msg.payload).map(|t| verifier.verify(t));
+            let mut out = Vec::with_capacity(64);
+            match verified {
+                Some(Ok(exp)) => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    let expires_in = i64::try_from(exp.saturating_sub(now)).unwrap_or(i64::MAX);
+                    let body = ocf::cbor_map(&[("expiresin", Val::Int(expires_in))]);
+                    MessageWriter::new(&mut out, Code::CHANGED, msg.token)
+                        .option_uint(option::CONTENT_FORMAT, ocf::OCF_CBOR)
+                        .payload(&body)
+                        .finish();
+                }
+                _ => {
+                    MessageWriter::new(&mut out, Code::UNAUTHORIZED, msg.token).finish();
+                }
+            }
+            conn.writer().write_all(&out)?;
+            while conn.wants_write() {
+                conn.write_tls(sock)?;
+            }
+            return match verified {
+                Some(Ok(_)) => Ok(()),
+                _ => Err(io::Error::other("the sign-in token did not verify")),
+            };
+        }
+        if conn.read_tls(sock)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        conn.process_new_packets().map_err(io::Error::other)?;
+        loop {
+            match conn.reader().read(&mut chunk) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Err(io::Error::other("no request from the client"))
 }

@@ -1,6 +1,7 @@
 //! A simulated device: a blocking CoAP-over-TLS client (RFC 8323) on a std
 //! `TcpStream` with a buffered rustls `ClientConnection`. It connects,
-//! handshakes, waits for the gateway's CSM, sends requests, answers Pings
+//! handshakes, waits for the gateway's CSM, sends requests (the OCF sign-up
+//! and sign-in among them), answers Pings and the gateway's own requests,
 //! and closes. Every blocking call has a socket timeout.
 
 use std::fmt;
@@ -14,6 +15,8 @@ use coap_gateway::auth::tls::{client_config_with, ClientOptions};
 use coap_gateway::coap::{deframer, option, signal, Code, MessageWriter};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection};
+
+use crate::ocf::{self, Registration};
 
 /// Largest message we accept from the gateway.
 const MAX_MESSAGE: usize = 1 << 20;
@@ -41,6 +44,10 @@ pub enum Stage {
     Csm,
     /// A request after the CSM.
     Request,
+    /// `POST /oic/sec/account` (spec §5.2).
+    SignUp,
+    /// `POST /oic/sec/session` with `login: true` (spec §5.4).
+    SignIn,
 }
 
 impl Stage {
@@ -50,6 +57,8 @@ impl Stage {
             Stage::Tls => "tls",
             Stage::Csm => "first_csm",
             Stage::Request => "request",
+            Stage::SignUp => "sign_up",
+            Stage::SignIn => "sign_in",
         }
     }
 }
@@ -61,7 +70,7 @@ pub struct DeviceError {
 }
 
 impl DeviceError {
-    fn new(stage: Stage, error: impl fmt::Display) -> Self {
+    pub fn new(stage: Stage, error: impl fmt::Display) -> Self {
         DeviceError {
             stage,
             message: error.to_string(),
@@ -85,11 +94,21 @@ pub struct Timings {
     /// From there to the gateway's CSM: the server has verified the client
     /// certificate and Finished, and its session has spoken.
     pub first_csm: Duration,
+    /// From there to the sign-up's 2.04 (our CSM and the request sent
+    /// together), when the connection signed up.
+    pub sign_up: Option<Duration>,
+    /// From there to the sign-in's 2.04 (with our CSM when it is the
+    /// connection's first request), when the connection signed in.
+    pub sign_in: Option<Duration>,
 }
 
 impl Timings {
     pub fn total(&self) -> Duration {
-        self.tcp_connect + self.tls + self.first_csm
+        self.tcp_connect
+            + self.tls
+            + self.first_csm
+            + self.sign_up.unwrap_or_default()
+            + self.sign_in.unwrap_or_default()
     }
 }
 
@@ -98,6 +117,7 @@ impl Timings {
 pub struct Msg {
     pub code: Code,
     pub token: Vec<u8>,
+    pub payload: Vec<u8>,
 }
 
 /// What [`Device::service`] found on a non-blocking connection.
@@ -115,6 +135,8 @@ pub struct Device {
     /// Plaintext received and not yet parsed.
     buf: Vec<u8>,
     next_token: u64,
+    /// The socket timeout of every blocking call.
+    timeout: Duration,
 }
 
 impl Device {
@@ -143,6 +165,7 @@ impl Device {
             sock,
             buf: Vec::new(),
             next_token: 1,
+            timeout,
         };
         device
             .handshake()
@@ -162,6 +185,8 @@ impl Device {
                 tcp_connect: connected - started,
                 tls: handshaken - connected,
                 first_csm: done - handshaken,
+                sign_up: None,
+                sign_in: None,
             },
         ))
     }
@@ -210,6 +235,7 @@ impl Device {
                 let msg = Msg {
                     code: m.code,
                     token: m.token.to_vec(),
+                    payload: m.payload.to_vec(),
                 };
                 self.buf.drain(..len);
                 Ok(Some(msg))
@@ -249,6 +275,164 @@ impl Device {
     fn token(&mut self) -> [u8; 8] {
         self.next_token += 1;
         self.next_token.to_be_bytes()
+    }
+
+    /// Waits for the response carrying `token`, answering Pings and the
+    /// gateway's own requests (its `GET /oic/res` after a first sign-in)
+    /// on the way. Blocking, bounded by [`MAX_SKIPPED`] other messages.
+    pub fn response(&mut self, token: &[u8]) -> io::Result<Msg> {
+        for _ in 0..MAX_SKIPPED {
+            let msg = self.recv()?;
+            if msg.code == Code::PING {
+                self.pong(&msg.token)?;
+            } else if msg.code.is_request() {
+                self.answer(&msg)?;
+            } else if msg.code.is_response() && msg.token == token {
+                return Ok(msg);
+            }
+        }
+        Err(io::Error::other(format!(
+            "no response after {MAX_SKIPPED} other messages"
+        )))
+    }
+
+    /// Waits up to `wait` for a request of the gateway and answers it
+    /// (Pings on the way too); `false` when none came. For the `GET
+    /// /oic/res` that follows a first sign-in, so that it is not left
+    /// for a measured phase.
+    pub fn serve_request(&mut self, wait: Duration) -> io::Result<bool> {
+        self.sock.set_read_timeout(Some(wait))?;
+        let mut served = Ok(false);
+        for _ in 0..MAX_SKIPPED {
+            match self.recv() {
+                Ok(msg) if msg.code == Code::PING => {
+                    if let Err(e) = self.pong(&msg.token) {
+                        served = Err(e);
+                        break;
+                    }
+                }
+                Ok(msg) if msg.code.is_request() => {
+                    served = self.answer(&msg).map(|()| true);
+                    break;
+                }
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break
+                }
+                Err(e) => {
+                    served = Err(e);
+                    break;
+                }
+            }
+        }
+        self.sock.set_read_timeout(Some(self.timeout))?;
+        served
+    }
+
+    /// Answers a request of the gateway: its `GET /oic/res` (spec §8.1)
+    /// with one `/oic/d` link, anything else 4.04.
+    fn answer(&mut self, request: &Msg) -> io::Result<()> {
+        let mut out = Vec::with_capacity(128);
+        if request.code == Code::GET {
+            MessageWriter::new(&mut out, Code::CONTENT, &request.token)
+                .option_uint(option::CONTENT_FORMAT, ocf::OCF_CBOR)
+                .payload(&ocf::local_links_body())
+                .finish();
+        } else {
+            MessageWriter::new(&mut out, Code::NOT_FOUND, &request.token).finish();
+        }
+        self.send(&out)
+    }
+
+    /// Appends our CSM (RFC 8323 §5.3; sent with the connection's first
+    /// request).
+    fn write_csm(&mut self, out: &mut Vec<u8>) {
+        let token = self.token();
+        signal::write_csm(out, &token, None, false);
+    }
+
+    /// `POST /oic/sec/account` with a sign-up code (spec §5.2), preceded by
+    /// our CSM when `csm`; waits for the 2.04 and returns what it carries.
+    pub fn sign_up(
+        &mut self,
+        device_id: &str,
+        code: &str,
+        csm: bool,
+    ) -> Result<(Registration, Duration), DeviceError> {
+        let started = Instant::now();
+        let mut out = Vec::with_capacity(1024);
+        if csm {
+            self.write_csm(&mut out);
+        }
+        let token = self.token();
+        ocf::write_post(
+            &mut out,
+            &token,
+            &["oic", "sec", "account"],
+            &ocf::sign_up_body(device_id, code),
+        );
+        let failed = |e| DeviceError::new(Stage::SignUp, e);
+        self.send(&out).map_err(failed)?;
+        let msg = self.response(&token).map_err(failed)?;
+        if msg.code != Code::CHANGED {
+            return Err(DeviceError::new(
+                Stage::SignUp,
+                format!(
+                    "answered {}: {}",
+                    msg.code,
+                    String::from_utf8_lossy(&msg.payload)
+                ),
+            ));
+        }
+        let registration =
+            ocf::parse_sign_up(&msg.payload).map_err(|e| DeviceError::new(Stage::SignUp, e))?;
+        Ok((registration, started.elapsed()))
+    }
+
+    /// Sends a sign-in (`body`: [`ocf::sign_in_body`]), preceded by our CSM
+    /// when `csm`, without waiting; returns the request's token for
+    /// [`Device::sign_in_answer`].
+    pub fn send_sign_in(&mut self, body: &[u8], csm: bool) -> Result<[u8; 8], DeviceError> {
+        let mut out = Vec::with_capacity(body.len() + 64);
+        if csm {
+            self.write_csm(&mut out);
+        }
+        let token = self.token();
+        ocf::write_post(&mut out, &token, &["oic", "sec", "session"], body);
+        self.send(&out)
+            .map_err(|e| DeviceError::new(Stage::SignIn, e))?;
+        Ok(token)
+    }
+
+    /// Waits for the answer to the sign-in sent with `token`: a 2.04.
+    pub fn sign_in_answer(&mut self, token: &[u8]) -> Result<(), DeviceError> {
+        let msg = self
+            .response(token)
+            .map_err(|e| DeviceError::new(Stage::SignIn, e))?;
+        if msg.code != Code::CHANGED {
+            return Err(DeviceError::new(
+                Stage::SignIn,
+                format!(
+                    "answered {}: {}",
+                    msg.code,
+                    String::from_utf8_lossy(&msg.payload)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A sign-in and its 2.04; returns how long it took.
+    pub fn sign_in(&mut self, body: &[u8], csm: bool) -> Result<Duration, DeviceError> {
+        let started = Instant::now();
+        let token = self.send_sign_in(body, csm)?;
+        self.sign_in_answer(&token)?;
+        Ok(started.elapsed())
     }
 
     /// Sends our CSM and `GET /x.plgd.dev/time`, then waits for the 2.05

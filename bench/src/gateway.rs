@@ -103,6 +103,10 @@ pub struct SpawnedGateway {
     child: Child,
     pub addr: SocketAddr,
     pub shards: usize,
+    /// The `COAP_GATEWAY__…` variables it runs with: with
+    /// `Config::load_with_env(None, env)` the bench sees the configuration
+    /// the gateway sees (its authority's key file and issuer).
+    pub env: Vec<(String, String)>,
     stderr_path: PathBuf,
 }
 
@@ -124,15 +128,28 @@ impl SpawnedGateway {
         }
         let port = free_port()?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        // The HTTP API too gets a free loopback port: its default
+        // (127.0.0.1:8080) may be taken, and two runs must not collide.
+        let api = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let env: Vec<(String, String)> = [
+            (
+                "COAP_GATEWAY__HUB__DATA_DIR",
+                pki.data_dir().display().to_string(),
+            ),
+            ("COAP_GATEWAY__COAP__ADDRESS", addr.to_string()),
+            ("COAP_GATEWAY__API__ADDRESS", api.to_string()),
+            ("COAP_GATEWAY__COAP__SHARDS", shards.to_string()),
+            ("COAP_GATEWAY__LOG__LEVEL", "warn".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
         let stderr_path = pki.data_dir().join("gateway.stderr");
         let stderr = File::create(&stderr_path)
             .map_err(|e| format!("cannot create {}: {e}", stderr_path.display()))?;
         let child = Command::new(binary)
             .arg("serve")
-            .env("COAP_GATEWAY__HUB__DATA_DIR", pki.data_dir())
-            .env("COAP_GATEWAY__COAP__ADDRESS", addr.to_string())
-            .env("COAP_GATEWAY__COAP__SHARDS", shards.to_string())
-            .env("COAP_GATEWAY__LOG__LEVEL", "warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -143,6 +160,7 @@ impl SpawnedGateway {
             child,
             addr,
             shards,
+            env,
             stderr_path,
         };
         gateway.wait_ready(client, interrupted)?;

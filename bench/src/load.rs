@@ -1,7 +1,8 @@
-//! Closed-loop handshake load: `threads` client threads each open a
-//! connection, handshake, wait for the server's CSM and close, again and
-//! again, until `count` handshakes were attempted, the deadline passed, too
-//! many failed, or the user interrupted.
+//! Closed-loop connection load: `threads` client threads each open a
+//! connection, handshake, wait for the server's CSM, (with [`Plan::SignIn`])
+//! send our CSM and a sign-in and wait for its 2.04, and close, again and
+//! again, until `count` connections were attempted, the deadline passed,
+//! too many failed, or the user interrupted.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,6 +14,62 @@ use rustls::ClientConfig;
 use serde::Serialize;
 
 use crate::device::{Device, DeviceError, Stage, Timings};
+use crate::fleet::Registered;
+
+/// What each connection does.
+#[derive(Clone)]
+pub enum Plan {
+    /// Handshake and the server's CSM, every connection with one client
+    /// configuration.
+    Handshake(Arc<ClientConfig>),
+    /// Handshake, the server's CSM, then our CSM with a sign-in (spec §5.4)
+    /// and its 2.04, cycling through devices that signed up before. Thread
+    /// `t` of `n` uses the devices whose index is `t` modulo `n`, so a
+    /// device never has two connections at once.
+    SignIn(Arc<Vec<Registered>>),
+}
+
+impl Plan {
+    /// Client threads for `wanted`: no more than there are devices.
+    fn threads(&self, wanted: usize) -> usize {
+        match self {
+            Plan::Handshake(_) => wanted.max(1),
+            Plan::SignIn(fleet) => wanted.clamp(1, fleet.len().max(1)),
+        }
+    }
+
+    /// One connection attempt of client thread `thread` of `threads`, its
+    /// `attempt`-th.
+    fn connect(
+        &self,
+        addr: SocketAddr,
+        thread: usize,
+        threads: usize,
+        attempt: u64,
+    ) -> Result<Timings, DeviceError> {
+        match self {
+            Plan::Handshake(config) => {
+                let (device, timings) = Device::connect(addr, config, IO_TIMEOUT)?;
+                device.close();
+                Ok(timings)
+            }
+            Plan::SignIn(fleet) => {
+                let mine = fleet.len().saturating_sub(thread).div_ceil(threads).max(1) as u64;
+                let index = thread + (attempt % mine) as usize * threads;
+                let Some(d) = fleet.get(index) else {
+                    return Err(DeviceError::new(
+                        Stage::Connect,
+                        "no device for this thread",
+                    ));
+                };
+                let (mut device, mut timings) = Device::connect(addr, &d.config, IO_TIMEOUT)?;
+                timings.sign_in = Some(device.sign_in(&d.sign_in_body, true)?);
+                device.close();
+                Ok(timings)
+            }
+        }
+    }
+}
 
 /// Socket timeout of every blocking client call.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -61,6 +118,8 @@ pub struct StageHistograms {
     pub tcp_connect: Histogram<u64>,
     pub tls: Histogram<u64>,
     pub first_csm: Histogram<u64>,
+    pub sign_up: Histogram<u64>,
+    pub sign_in: Histogram<u64>,
 }
 
 impl StageHistograms {
@@ -70,6 +129,8 @@ impl StageHistograms {
             tcp_connect: histogram(),
             tls: histogram(),
             first_csm: histogram(),
+            sign_up: histogram(),
+            sign_in: histogram(),
         }
     }
 
@@ -78,6 +139,12 @@ impl StageHistograms {
         record(&mut self.tcp_connect, t.tcp_connect);
         record(&mut self.tls, t.tls);
         record(&mut self.first_csm, t.first_csm);
+        if let Some(d) = t.sign_up {
+            record(&mut self.sign_up, d);
+        }
+        if let Some(d) = t.sign_in {
+            record(&mut self.sign_in, d);
+        }
     }
 
     pub fn add(&mut self, other: &StageHistograms) {
@@ -86,22 +153,31 @@ impl StageHistograms {
         let _ = self.tcp_connect.add(&other.tcp_connect);
         let _ = self.tls.add(&other.tls);
         let _ = self.first_csm.add(&other.first_csm);
+        let _ = self.sign_up.add(&other.sign_up);
+        let _ = self.sign_in.add(&other.sign_in);
     }
 
     pub fn stages(&self) -> StagePercentiles {
+        let some = |h: &Histogram<u64>| (!h.is_empty()).then(|| Percentiles::of(h));
         StagePercentiles {
             tcp_connect: Percentiles::of(&self.tcp_connect),
             tls: Percentiles::of(&self.tls),
             first_csm: Percentiles::of(&self.first_csm),
+            sign_up: some(&self.sign_up),
+            sign_in: some(&self.sign_in),
         }
     }
 }
 
+/// Per-stage latency; `sign_up`/`sign_in` are null when no connection
+/// did one.
 #[derive(Debug, Clone, Serialize)]
 pub struct StagePercentiles {
     pub tcp_connect: Percentiles,
     pub tls: Percentiles,
     pub first_csm: Percentiles,
+    pub sign_up: Option<Percentiles>,
+    pub sign_in: Option<Percentiles>,
 }
 
 /// Failed connections by stage, with a few messages.
@@ -112,6 +188,8 @@ pub struct Errors {
     pub tls: u64,
     pub first_csm: u64,
     pub request: u64,
+    pub sign_up: u64,
+    pub sign_in: u64,
     pub samples: Vec<String>,
 }
 
@@ -123,6 +201,8 @@ impl Errors {
             Stage::Tls => self.tls += 1,
             Stage::Csm => self.first_csm += 1,
             Stage::Request => self.request += 1,
+            Stage::SignUp => self.sign_up += 1,
+            Stage::SignIn => self.sign_in += 1,
         }
         if self.samples.len() < ERROR_SAMPLES {
             self.samples.push(e.to_string());
@@ -135,6 +215,8 @@ impl Errors {
         self.tls += other.tls;
         self.first_csm += other.first_csm;
         self.request += other.request;
+        self.sign_up += other.sign_up;
+        self.sign_in += other.sign_in;
         for s in &other.samples {
             if self.samples.len() < ERROR_SAMPLES {
                 self.samples.push(s.clone());
@@ -179,10 +261,11 @@ impl LoadResult {
     }
 }
 
-/// Runs `count` handshakes against `addr` from `threads` threads.
+/// Runs `count` connections against `addr` from `threads` threads, each
+/// doing what `plan` says.
 pub fn run(
     addr: SocketAddr,
-    config: &Arc<ClientConfig>,
+    plan: &Plan,
     count: u64,
     threads: usize,
     deadline: Instant,
@@ -194,18 +277,20 @@ pub fn run(
     // broken and hammering it further measures nothing.
     let max_failures = (count / 10).max(50);
     let started = Instant::now();
-    let handles: Vec<_> = (0..threads.max(1))
-        .map(|_| {
-            let (next, failed, config, interrupted) = (
+    let threads = plan.threads(threads);
+    let handles: Vec<_> = (0..threads)
+        .map(|thread| {
+            let (next, failed, plan, interrupted) = (
                 next.clone(),
                 failed.clone(),
-                config.clone(),
+                plan.clone(),
                 interrupted.clone(),
             );
             std::thread::spawn(move || {
                 let mut latency = StageHistograms::new();
                 let mut errors = Errors::default();
                 let mut ok = 0u64;
+                let mut attempt = 0u64;
                 loop {
                     if Instant::now() >= deadline
                         || interrupted.load(Ordering::Relaxed)
@@ -214,11 +299,12 @@ pub fn run(
                     {
                         break;
                     }
-                    match Device::connect(addr, &config, IO_TIMEOUT) {
-                        Ok((device, timings)) => {
+                    let outcome = plan.connect(addr, thread, threads, attempt);
+                    attempt += 1;
+                    match outcome {
+                        Ok(timings) => {
                             latency.record(&timings);
                             ok += 1;
-                            device.close();
                         }
                         Err(e) => {
                             errors.record(&e);

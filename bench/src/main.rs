@@ -3,11 +3,16 @@
 //!
 //! - `baseline`: bare rustls mutual-TLS handshakes on one server thread,
 //!   per server CPU-second.
-//! - `connect`: full mutual-TLS handshakes into the gateway (until its first
-//!   CSM), per gateway CPU-second, then the `baseline` figure in the same
-//!   run, and their ratio.
+//! - `connect`: full device connects into the gateway — mutual TLS, CSM
+//!   both ways, OCF sign-in (devices signed up in a set-up phase) — per
+//!   gateway CPU-second and in gateway CPU µs each, against bare rustls +
+//!   bare `jsonwebtoken` in the same run; `--handshake-only` measures the
+//!   handshake (until the gateway's CSM) against bare rustls, as before.
 //! - `idle`: N authenticated devices held open; the gateway's resident
 //!   memory per device.
+//! - `signin`: repeated OCF sign-ins over N established connections, per
+//!   gateway CPU-second, against a bare `jsonwebtoken` ES256 verify loop
+//!   (and the gateway's own validator) in the same run.
 //!
 //! Exit codes: 0 measured (goals met or not), 1 runtime failure, 2 usage.
 #![forbid(unsafe_code)]
@@ -17,10 +22,14 @@
 
 mod baseline;
 mod device;
+mod fleet;
 mod gateway;
 mod idle;
+mod jwt;
 mod load;
+mod ocf;
 mod procfs;
+mod signin;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,16 +39,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use clap::{Parser, ValueEnum};
+use coap_gateway::config::Config;
 use rustls::ClientConfig;
 use serde_json::{json, Value};
 
 use crate::baseline::BaselineServer;
 use crate::gateway::{Pki, SpawnedGateway};
-use crate::load::{LoadResult, Percentiles};
+use crate::jwt::BareVerifier;
+use crate::load::{LoadResult, Percentiles, Plan};
 use crate::procfs::CpuTicks;
 
-/// Goal of `connect`: gateway handshakes per CPU-second against bare rustls.
+/// Goal of `connect`: gateway connects per CPU-second against the bare
+/// floor (rustls, and with sign-in bare `jsonwebtoken`).
 const CONNECT_RATIO_GOAL: f64 = 0.90;
+/// Goal of `signin`: gateway sign-ins per CPU-second against bare
+/// `jsonwebtoken` ES256 verifies per CPU-second.
+const SIGNIN_RATIO_GOAL: f64 = 0.80;
 /// Goal of `idle`: resident bytes per idle authenticated device.
 const IDLE_BYTES_GOAL: f64 = 8192.0;
 
@@ -51,7 +66,7 @@ const IDLE_BYTES_GOAL: f64 = 8192.0;
 )]
 struct Cli {
     scenario: Scenario,
-    /// Handshakes (baseline, connect) or devices held open (idle).
+    /// Handshakes (baseline, connect) or devices held open (idle, signin).
     #[arg(long)]
     devices: Option<u64>,
     /// connect/baseline: time limit of the measured run (default 120s);
@@ -71,10 +86,27 @@ struct Cli {
     /// Write the JSON report here.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// connect: alternate gateway and baseline this many times, each round
-    /// with devices/rounds handshakes (1 = gateway, then baseline).
-    #[arg(long, default_value_t = 1)]
-    rounds: u64,
+    /// connect, signin: alternate gateway and yardstick this many times,
+    /// each round with 1/rounds of the work (connect default 1 = gateway,
+    /// then baseline; signin default 6).
+    #[arg(long)]
+    rounds: Option<u64>,
+    /// connect: only the handshake (until the gateway's CSM), no sign-in,
+    /// against bare rustls (the measurement before OCF sign-in existed).
+    #[arg(long)]
+    handshake_only: bool,
+    /// connect: devices (identity certificates) signed up in the set-up
+    /// phase and cycled through by the measured connects (default
+    /// min(devices, 1000)).
+    #[arg(long)]
+    fleet: Option<u64>,
+    /// signin: measured sign-ins in total (default 60000).
+    #[arg(long)]
+    requests: Option<u64>,
+    /// With --gateway: its configuration file, to mint sign-up codes with
+    /// its authority (key file, issuer); COAP_GATEWAY__… variables apply.
+    #[arg(long, requires = "gateway")]
+    gateway_config: Option<PathBuf>,
     /// Client threads (default 4).
     #[arg(long)]
     threads: Option<usize>,
@@ -96,6 +128,7 @@ enum Scenario {
     Baseline,
     Connect,
     Idle,
+    Signin,
     Notify,
     Command,
     Storm,
@@ -108,6 +141,7 @@ impl Scenario {
             Scenario::Baseline => "baseline",
             Scenario::Connect => "connect",
             Scenario::Idle => "idle",
+            Scenario::Signin => "signin",
             Scenario::Notify => "notify",
             Scenario::Command => "command",
             Scenario::Storm => "storm",
@@ -161,7 +195,7 @@ impl Context {
 
 fn run(cli: &Cli) -> Result<(), Failure> {
     match cli.scenario {
-        Scenario::Baseline | Scenario::Connect | Scenario::Idle => {}
+        Scenario::Baseline | Scenario::Connect | Scenario::Idle | Scenario::Signin => {}
         other => {
             return Err(Failure::Usage(format!(
                 "scenario {} is not available yet",
@@ -200,6 +234,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
     let mut report = match cli.scenario {
         Scenario::Baseline => baseline_scenario(cli, &ctx)?,
         Scenario::Connect => connect_scenario(cli, &ctx)?,
+        Scenario::Signin => signin_scenario(cli, &ctx, open_files)?,
         _ => idle_scenario(cli, &ctx, open_files)?,
     };
     if ctx.interrupted.load(Ordering::Relaxed) {
@@ -274,16 +309,42 @@ struct Target {
     addr: SocketAddr,
     pid: Option<u32>,
     spawned: Option<SpawnedGateway>,
+    /// The gateway's configuration, when known (spawned, or
+    /// --gateway-config).
+    config: Option<Config>,
+    /// The CA directory (`ca.pem`, `ca-key.pem`) of the device certificates.
+    ca_dir: PathBuf,
+}
+
+impl Target {
+    /// The configuration, needed to mint sign-up codes.
+    fn config(&self) -> Result<&Config, Failure> {
+        self.config.as_ref().ok_or_else(|| {
+            Failure::Usage(
+                "signing devices up needs the gateway's configuration: --gateway-config FILE \
+                 (or --handshake-only for connect)"
+                    .into(),
+            )
+        })
+    }
 }
 
 fn target(cli: &Cli, ctx: &Context, pki: &Pki) -> Result<(Target, Arc<ClientConfig>), Failure> {
     if let (Some(addr), Some(ca_dir)) = (cli.gateway, &cli.ca_dir) {
         let client = gateway::external_client_config(ca_dir, pki.data_dir())?;
+        let config = match &cli.gateway_config {
+            Some(path) => Some(Config::load(Some(path)).map_err(|e| {
+                Failure::Usage(format!("--gateway-config {}: {e}", path.display()))
+            })?),
+            None => None,
+        };
         return Ok((
             Target {
                 addr,
                 pid: cli.gateway_pid,
                 spawned: None,
+                config,
+                ca_dir: ca_dir.clone(),
             },
             client,
         ));
@@ -304,11 +365,15 @@ fn target(cli: &Cli, ctx: &Context, pki: &Pki) -> Result<(Target, Arc<ClientConf
         spawned.shards,
         if spawned.shards == 1 { "" } else { "s" }
     );
+    let config = Config::load_with_env(None, spawned.env.clone())
+        .map_err(|e| format!("the spawned gateway's configuration: {e}"))?;
     Ok((
         Target {
             addr: spawned.addr,
             pid: Some(spawned.pid()),
             spawned: Some(spawned),
+            config: Some(config),
+            ca_dir: pki.pki_dir(),
         },
         client,
     ))
@@ -367,11 +432,11 @@ impl Measured {
 
 /// Handshakes that are not measured: first-connection costs (lazy
 /// initialisation, the server's session cache filling up) stay out.
-fn warm_up(ctx: &Context, addr: SocketAddr, client: &Arc<ClientConfig>, count: u64) {
+fn warm_up(ctx: &Context, addr: SocketAddr, plan: &Plan, count: u64) {
     let warmup = (count / 20).clamp(20, 200);
     let _ = load::run(
         addr,
-        client,
+        plan,
         warmup,
         ctx.threads,
         Instant::now() + Duration::from_secs(30),
@@ -385,7 +450,7 @@ fn warm_up(ctx: &Context, addr: SocketAddr, client: &Arc<ClientConfig>, count: u
 fn measure(
     ctx: &Context,
     addr: SocketAddr,
-    client: &Arc<ClientConfig>,
+    plan: &Plan,
     count: u64,
     deadline: Instant,
     cpu: &dyn Fn() -> Option<CpuTicks>,
@@ -393,7 +458,7 @@ fn measure(
 ) -> Measured {
     let cpu_before = cpu();
     let self_before = procfs::self_cpu_ticks().ok();
-    let load = load::run(addr, client, count, ctx.threads, deadline, &ctx.interrupted);
+    let load = load::run(addr, plan, count, ctx.threads, deadline, &ctx.interrupted);
     let cpu_after = cpu();
     let self_after = procfs::self_cpu_ticks().ok();
     let server = cpu_before.zip(cpu_after).map(|(a, b)| b.since(a));
@@ -419,11 +484,12 @@ fn run_baseline(
     limit: Duration,
 ) -> Result<(Measured, u64), Failure> {
     let server = BaselineServer::start(&pki.server_files())?;
-    warm_up(ctx, server.addr, client, count);
+    let plan = Plan::Handshake(client.clone());
+    warm_up(ctx, server.addr, &plan, count);
     let measured = measure(
         ctx,
         server.addr,
-        client,
+        &plan,
         count,
         Instant::now() + limit,
         &|| server.cpu_ticks().ok(),
@@ -457,13 +523,16 @@ fn print_run(label: &str, m: &Measured, cpu_label: &str) {
         p.p50, p.p90, p.p99, p.p999, p.max
     );
     println!(
-        "  stages p50/p99 µs: tcp {}/{}  tls {}/{}  first CSM {}/{}",
+        "  stages p50/p99 µs: tcp {}/{}  tls {}/{}  first CSM {}/{}{}",
         s.tcp_connect.p50,
         s.tcp_connect.p99,
         s.tls.p50,
         s.tls.p99,
         s.first_csm.p50,
-        s.first_csm.p99
+        s.first_csm.p99,
+        s.sign_in
+            .as_ref()
+            .map_or(String::new(), |p| format!("  sign-in {}/{}", p.p50, p.p99))
     );
     if let Some(why) = &m.load.cut_short {
         println!("  cut short: {why}");
@@ -509,13 +578,12 @@ fn merge(mut a: Value, b: Value) -> Value {
 fn connect_scenario(cli: &Cli, ctx: &Context) -> Result<Value, Failure> {
     let count = cli.devices.unwrap_or(5000);
     let limit = cli.duration.unwrap_or(Duration::from_secs(120));
-    let rounds = cli.rounds.clamp(1, count.max(1));
+    let rounds = cli.rounds.unwrap_or(1).clamp(1, count.max(1));
+    let with_sign_in = !cli.handshake_only;
     let pki = Pki::create()?;
     let (mut target, client) = target(cli, ctx, &pki)?;
     let pid = target.pid;
     let gw_cpu = || pid.and_then(|p| procfs::process_cpu_ticks(p).ok());
-    let base = BaselineServer::start(&pki.server_files())?;
-    let base_cpu = || base.cpu_ticks().ok();
 
     // Does the idle gateway burn CPU (busy polling)? 2 s of nothing.
     let idle_window = Duration::from_secs(2);
@@ -529,10 +597,30 @@ fn connect_scenario(cli: &Cli, ctx: &Context) -> Result<Value, Failure> {
         _ => None,
     };
 
-    warm_up(ctx, target.addr, &client, count);
-    warm_up(ctx, base.addr, &client, count);
+    // Set-up (with sign-in): every device of the fleet connects once and
+    // signs up; the measured connects then sign these devices in.
+    let (plan, verifier, fleet_size, setup) = if with_sign_in {
+        let config = target.config()?;
+        let authority = ocf::authority(config)?;
+        let verifier = Arc::new(BareVerifier::new(&authority)?);
+        let fleet_size = cli.fleet.unwrap_or(count.min(1000)).max(1);
+        let (registered, setup) = sign_up_fleet(ctx, &target, &authority, fleet_size, &gw_cpu)?;
+        (
+            Plan::SignIn(Arc::new(registered)),
+            Some(verifier),
+            Some(fleet_size),
+            setup,
+        )
+    } else {
+        (Plan::Handshake(client.clone()), None, None, Value::Null)
+    };
+    let base = BaselineServer::start_with(&pki.server_files(), verifier)?;
+    let base_cpu = || base.cpu_ticks().ok();
+
+    warm_up(ctx, target.addr, &plan, count);
+    warm_up(ctx, base.addr, &plan, count);
     let rss_before = pid.and_then(|p| procfs::vm_rss_bytes(p).ok());
-    // Gateway, then bare rustls with the same number of handshakes, in
+    // Gateway, then the bare floor with the same number of connects, in
     // `rounds` alternations so that drift of a noisy machine hits both.
     let deadline = Instant::now() + limit;
     let mut gw = Measured::empty();
@@ -540,8 +628,8 @@ fn connect_scenario(cli: &Cli, ctx: &Context) -> Result<Value, Failure> {
     let mut per_round = Vec::new();
     for r in 0..rounds {
         let n = count / rounds + u64::from(r < count % rounds);
-        let g = measure(ctx, target.addr, &client, n, deadline, &gw_cpu, false);
-        let b = measure(ctx, base.addr, &client, n, deadline, &base_cpu, true);
+        let g = measure(ctx, target.addr, &plan, n, deadline, &gw_cpu, false);
+        let b = measure(ctx, base.addr, &plan, n, deadline, &base_cpu, true);
         let ratio = match (g.per_cpu_second(), b.per_cpu_second()) {
             (Some(g), Some(b)) if b > 0.0 => Some(round(g / b, 4)),
             _ => None,
@@ -575,14 +663,25 @@ fn connect_scenario(cli: &Cli, ctx: &Context) -> Result<Value, Failure> {
     let health = target.spawned.as_mut().map(|g| g.health());
     drop(target);
 
+    let yardstick = if with_sign_in {
+        "baseline (bare rustls + bare jsonwebtoken, 1 thread)"
+    } else {
+        "baseline (bare rustls, 1 thread)"
+    };
     print_run("gateway", &gw, "gateway process");
     if let Some(h) = &health {
         h.report_stderr();
     }
-    print_run("baseline (bare rustls, 1 thread)", &bl, "server thread");
+    print_run(yardstick, &bl, "server thread");
     if let Some(died) = health.as_ref().and_then(|h| h.died()) {
         return Err(Failure::Runtime(died));
     }
+    let us_per = |m: &Measured| m.per_cpu_second().map(|r| round(1e6 / r, 1));
+    println!(
+        "CPU per connect: gateway {} µs, baseline {} µs",
+        us_per(&gw).map_or("?".into(), |u| format!("{u:.0}")),
+        us_per(&bl).map_or("?".into(), |u| format!("{u:.0}"))
+    );
     let ratio = match (gw.per_cpu_second(), bl.per_cpu_second()) {
         (Some(g), Some(b)) if b > 0.0 => Some(g / b),
         _ => None,
@@ -600,16 +699,19 @@ fn connect_scenario(cli: &Cli, ctx: &Context) -> Result<Value, Failure> {
     }
     if gw.load.ok == 0 {
         return Err(Failure::Runtime(
-            "no handshake into the gateway succeeded".into(),
+            "no connect into the gateway succeeded".into(),
         ));
     }
     Ok(json!({
         "scenario": "connect",
+        "mode": if with_sign_in { "tls+csm+sign-in" } else { "handshake" },
         "devices": count,
+        "fleet": fleet_size,
         "rounds": rounds,
         "duration_s": round(gw.load.wall.as_secs_f64(), 3),
         "throughput_per_s": round(gw.load.per_wall_second(), 1),
         "handshakes_per_cpu_s": gw.per_cpu_second().map(|r| round(r, 1)),
+        "cpu_us_per_connect": us_per(&gw),
         "latency_us": Percentiles::of(&gw.load.latency.total),
         "stages_us": gw.load.latency.stages(),
         "errors": gw.load.errors,
@@ -622,19 +724,394 @@ fn connect_scenario(cli: &Cli, ctx: &Context) -> Result<Value, Failure> {
             "cpu_seconds": gw.cpu_seconds.map(|s| round(s, 3)),
             "cpu_system_seconds": gw.cpu_system_seconds.map(|s| round(s, 3)),
             "handshakes_per_cpu_s": gw.per_cpu_second().map(|r| round(r, 1)),
+            "cpu_us_per_connect": us_per(&gw),
             "bytes_per_device": Value::Null,
             "idle_cpu_fraction": idle_cpu_fraction,
             "stderr_lines": health.as_ref().map(|h| h.stderr_lines),
         },
         "baseline": merge(
             bl.summary("handshakes_per_cpu_s"),
-            json!({ "server_failures": base_failures }),
+            json!({
+                "what": yardstick,
+                "cpu_us_per_connect": us_per(&bl),
+                "server_failures": base_failures,
+            }),
         ),
         "ratio": ratio.map(|r| round(r, 4)),
         "per_round": per_round,
         "goal": { "ratio_min": CONNECT_RATIO_GOAL, "met": ratio.map(|r| r >= CONNECT_RATIO_GOAL) },
+        "setup": setup,
         "client_threads": ctx.threads,
         "client_cpu_seconds": gw.client_cpu_seconds.map(|s| round(s, 3)),
+    }))
+}
+
+/// Issues `n` device identities and signs them up (connect, our CSM and a
+/// sign-up, close), with the gateway's CPU read around it. Returns the
+/// registered devices and the set-up's report.
+fn sign_up_fleet(
+    ctx: &Context,
+    target: &Target,
+    authority: &Arc<coap_gateway::auth::authority::Authority>,
+    n: u64,
+    gw_cpu: &dyn Fn() -> Option<CpuTicks>,
+) -> Result<(Vec<fleet::Registered>, Value), Failure> {
+    let started = Instant::now();
+    let identities = ocf::identities(&target.ca_dir, n as usize, ctx.threads)?;
+    let identities_s = started.elapsed().as_secs_f64();
+    let before = gw_cpu();
+    let enrolled = fleet::enroll(
+        target.addr,
+        identities,
+        authority,
+        ctx.threads,
+        Instant::now() + Duration::from_secs(60) + Duration::from_millis(10 * n),
+        &ctx.interrupted,
+        false,
+    );
+    let cpu = before
+        .zip(gw_cpu())
+        .map(|(a, b)| ctx.ticks_to_s(b.since(a).total()));
+    let (registered, load) = enrolled.into_registered();
+    let report = setup_report(&load, n, cpu, identities_s, "connect, CSM, sign-up, close");
+    if registered.is_empty() {
+        return Err(Failure::Runtime(format!(
+            "no device could sign up: {:?}",
+            load.errors.samples
+        )));
+    }
+    Ok((registered, report))
+}
+
+/// The set-up phase in a report, and printed.
+fn setup_report(
+    load: &LoadResult,
+    devices: u64,
+    cpu_s: Option<f64>,
+    identities_s: f64,
+    what: &str,
+) -> Value {
+    let us_each = cpu_s
+        .filter(|_| load.ok > 0)
+        .map(|s| round(s * 1e6 / load.ok as f64, 1));
+    let s = load.latency.stages();
+    println!(
+        "set-up ({what}): {}/{devices} devices in {:.2} s, {} errors; gateway {} µs CPU each; sign-up p50/p99 µs {}",
+        load.ok,
+        load.wall.as_secs_f64(),
+        load.errors.total,
+        us_each.map_or("?".into(), |u| format!("{u:.0}")),
+        s.sign_up
+            .as_ref()
+            .map_or("?".into(), |p| format!("{}/{}", p.p50, p.p99))
+    );
+    for e in &load.errors.samples {
+        println!("  error: {e}");
+    }
+    json!({
+        "what": what,
+        "devices": devices,
+        "ok": load.ok,
+        "errors": load.errors,
+        "cut_short": load.cut_short,
+        "duration_s": round(load.wall.as_secs_f64(), 3),
+        "identities_s": round(identities_s, 3),
+        "gateway_cpu_seconds": cpu_s.map(|s| round(s, 3)),
+        "gateway_cpu_us_each": us_each,
+        "latency_us": Percentiles::of(&load.latency.total),
+        "stages_us": s,
+    })
+}
+
+/// Sum of one side's phases in `signin`.
+#[derive(Default)]
+struct Side {
+    ok: u64,
+    failures: u64,
+    cpu_s: f64,
+    cpu_system_s: f64,
+    wall_s: f64,
+}
+
+impl Side {
+    fn per_cpu_second(&self) -> Option<f64> {
+        (self.cpu_s > 0.0).then(|| self.ok as f64 / self.cpu_s)
+    }
+
+    fn add_local(&mut self, ctx: &Context, l: &signin::Local) -> Option<f64> {
+        self.ok += l.ok;
+        self.failures += l.failures;
+        self.wall_s += l.wall.as_secs_f64();
+        let cpu = l.cpu.map(|t| ctx.ticks_to_s(t.total()))?;
+        self.cpu_s += cpu;
+        (cpu > 0.0).then(|| l.ok as f64 / cpu)
+    }
+
+    fn report(&self, count_key: &str, rate_key: &str, us_key: &str) -> Value {
+        let rate = self.per_cpu_second();
+        json!({
+            count_key: self.ok,
+            "failures": self.failures,
+            "cpu_seconds": round(self.cpu_s, 3),
+            "wall_s": round(self.wall_s, 3),
+            rate_key: rate.map(|r| round(r, 1)),
+            us_key: rate.map(|r| round(1e6 / r, 2)),
+        })
+    }
+}
+
+fn signin_scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Failure> {
+    let devices = cli.devices.unwrap_or(200).max(1);
+    let requests = cli.requests.unwrap_or(60_000).max(1);
+    let rounds = cli.rounds.unwrap_or(6).clamp(1, requests);
+    let limit = cli.duration.unwrap_or(Duration::from_secs(180));
+    if open_files != 0 && devices + 64 > open_files {
+        return Err(Failure::Usage(format!(
+            "{devices} devices need more open files than the limit of {open_files} (ulimit -n)"
+        )));
+    }
+    let pki = Pki::create()?;
+    let (mut target, _client) = target(cli, ctx, &pki)?;
+    let pid = target.pid;
+    let gw_cpu = || pid.and_then(|p| procfs::process_cpu_ticks(p).ok());
+    let config = target.config()?.clone();
+    let authority = ocf::authority(&config)?;
+    let bare = BareVerifier::new(&authority)?;
+    let validator = jwt::gateway_validator(&authority, &config)?;
+
+    // Set-up: connect, sign up, sign in once, answer the gateway's GET.
+    let started = Instant::now();
+    let identities = ocf::identities(&target.ca_dir, devices as usize, ctx.threads)?;
+    let identities_s = started.elapsed().as_secs_f64();
+    let before = gw_cpu();
+    let enrolled = fleet::enroll(
+        target.addr,
+        identities,
+        &authority,
+        ctx.threads,
+        Instant::now() + Duration::from_secs(60) + Duration::from_millis(10 * devices),
+        &ctx.interrupted,
+        true,
+    );
+    let setup_cpu = before
+        .zip(gw_cpu())
+        .map(|(a, b)| ctx.ticks_to_s(b.since(a).total()));
+    let setup = setup_report(
+        &enrolled.load,
+        devices,
+        setup_cpu,
+        identities_s,
+        "connect, CSM, sign-up, sign-in, GET /oic/res answered; kept open",
+    );
+    let mut groups: Vec<Vec<signin::Held>> = enrolled
+        .groups
+        .into_iter()
+        .map(|g| {
+            g.into_iter()
+                .filter_map(|(registered, device)| {
+                    device.map(|device| signin::Held { device, registered })
+                })
+                .collect::<Vec<_>>()
+        })
+        .filter(|g| !g.is_empty())
+        .collect();
+    let held: u64 = groups.iter().map(|g| g.len() as u64).sum();
+    if held == 0 {
+        return Err(Failure::Runtime("no device could sign up and in".into()));
+    }
+    let tokens: Vec<String> = groups
+        .iter()
+        .flatten()
+        .map(|h| h.registered.registration.access_token.clone())
+        .collect();
+    let token_refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    if let Err(e) = bare.verify(token_refs[0]) {
+        return Err(Failure::Runtime(format!(
+            "bare jsonwebtoken refuses the gateway's token: {e}"
+        )));
+    }
+    let check = signin::validator_check(&validator);
+    if !check(token_refs[0]) {
+        return Err(Failure::Runtime(
+            "the gateway's validator refuses its own token".into(),
+        ));
+    }
+    let bare_check = |t: &str| bare.verify(t).is_ok();
+
+    // Warm-up: one sign-in per device, a few hundred local verifies.
+    let warm_deadline = Instant::now() + Duration::from_secs(30);
+    let (g, _) = signin::gateway_round(groups, held, warm_deadline, &ctx.interrupted);
+    groups = g;
+    let _ = signin::local_round(
+        &token_refs,
+        300,
+        warm_deadline,
+        &ctx.interrupted,
+        &bare_check,
+    );
+    let _ = signin::local_round(&token_refs, 300, warm_deadline, &ctx.interrupted, &check);
+
+    let deadline = Instant::now() + limit;
+    let mut total = signin::Round::empty();
+    let mut gw = Side::default();
+    let mut client_cpu_s = 0.0;
+    let mut bl = Side::default();
+    let mut va = Side::default();
+    let mut per_round = Vec::new();
+    for r in 0..rounds {
+        let n = requests / rounds + u64::from(r < requests % rounds);
+        let cpu_before = gw_cpu();
+        let self_before = procfs::self_cpu_ticks().ok();
+        let (g, round_result) = signin::gateway_round(groups, n, deadline, &ctx.interrupted);
+        groups = g;
+        let cpu = cpu_before.zip(gw_cpu()).map(|(a, b)| b.since(a));
+        if let Some(t) = self_before.zip(procfs::self_cpu_ticks().ok()) {
+            client_cpu_s += ctx.ticks_to_s(t.1.since(t.0).total());
+        }
+        let g_cpu = cpu.map_or(0.0, |t| ctx.ticks_to_s(t.total()));
+        gw.ok += round_result.ok;
+        gw.failures += round_result.errors.total;
+        gw.cpu_s += g_cpu;
+        gw.cpu_system_s += cpu.map_or(0.0, |t| ctx.ticks_to_s(t.system));
+        gw.wall_s += round_result.wall.as_secs_f64();
+        let g_rate = (g_cpu > 0.0).then(|| round_result.ok as f64 / g_cpu);
+        let b = signin::local_round(&token_refs, n, deadline, &ctx.interrupted, &bare_check);
+        let b_rate = bl.add_local(ctx, &b);
+        let v = signin::local_round(&token_refs, n, deadline, &ctx.interrupted, &check);
+        let v_rate = va.add_local(ctx, &v);
+        let ratio = g_rate.zip(b_rate).map(|(g, b)| round(g / b, 4));
+        println!(
+            "round {}: gateway {:.0} sign-ins/CPU-s ({} in {:.2} s wall, {:.2} CPU-s), bare jsonwebtoken {:.0}/CPU-s, validator {:.0}/CPU-s, ratio {}",
+            r + 1,
+            g_rate.unwrap_or(0.0),
+            round_result.ok,
+            round_result.wall.as_secs_f64(),
+            g_cpu,
+            b_rate.unwrap_or(0.0),
+            v_rate.unwrap_or(0.0),
+            ratio.map_or("?".into(), |r| format!("{r:.3}"))
+        );
+        per_round.push(json!({
+            "signins": round_result.ok,
+            "gateway_cpu_seconds": round(g_cpu, 3),
+            "gateway_per_cpu_s": g_rate.map(|r| round(r, 1)),
+            "gateway_wall_s": round(round_result.wall.as_secs_f64(), 3),
+            "bare_per_cpu_s": b_rate.map(|r| round(r, 1)),
+            "validator_per_cpu_s": v_rate.map(|r| round(r, 1)),
+            "ratio": ratio,
+        }));
+        total.add(&round_result);
+        if ctx.interrupted.load(Ordering::Relaxed) || Instant::now() >= deadline {
+            break;
+        }
+    }
+    let rss = pid.and_then(|p| procfs::vm_rss_bytes(p).ok());
+    let still_open: usize = groups.iter().map(Vec::len).sum();
+    for h in groups.into_iter().flatten() {
+        h.device.close();
+    }
+    let health = target.spawned.as_mut().map(|g| g.health());
+    drop(target);
+
+    let p = Percentiles::of(&total.latency);
+    let ratio = gw
+        .per_cpu_second()
+        .zip(bl.per_cpu_second())
+        .map(|(g, b)| g / b);
+    let ratio_validator = gw
+        .per_cpu_second()
+        .zip(va.per_cpu_second())
+        .map(|(g, v)| g / v);
+    let us = |s: &Side| s.per_cpu_second().map(|r| 1e6 / r);
+    println!(
+        "gateway: {} sign-ins over {held} connections in {:.2} s ({:.0}/s wall), {:.2} CPU-s ({:.0} % of a core), {} errors",
+        total.ok,
+        gw.wall_s,
+        total.ok as f64 / gw.wall_s.max(1e-9),
+        gw.cpu_s,
+        100.0 * gw.cpu_s / gw.wall_s.max(1e-9),
+        total.errors.total
+    );
+    println!(
+        "  {:.0} sign-ins per gateway CPU-second ({:.1} µs each); latency µs p50 {} p99 {} max {} (pipelined batches)",
+        gw.per_cpu_second().unwrap_or(0.0),
+        us(&gw).unwrap_or(0.0),
+        p.p50,
+        p.p99,
+        p.max
+    );
+    println!(
+        "bare jsonwebtoken ES256: {:.0} verifies/CPU-s ({:.1} µs); gateway validator: {:.0}/CPU-s ({:.1} µs)",
+        bl.per_cpu_second().unwrap_or(0.0),
+        us(&bl).unwrap_or(0.0),
+        va.per_cpu_second().unwrap_or(0.0),
+        us(&va).unwrap_or(0.0)
+    );
+    if let Some(why) = &total.cut_short {
+        println!("  cut short: {why}");
+    }
+    for e in &total.errors.samples {
+        println!("  error: {e}");
+    }
+    if let Some(h) = &health {
+        h.report_stderr();
+    }
+    if let Some(died) = health.as_ref().and_then(|h| h.died()) {
+        return Err(Failure::Runtime(died));
+    }
+    match ratio {
+        Some(r) => println!(
+            "ratio gateway/bare jsonwebtoken: {r:.3} (goal >= {SIGNIN_RATIO_GOAL:.2}: {}); gateway/validator {}",
+            if r >= SIGNIN_RATIO_GOAL { "met" } else { "MISSED" },
+            ratio_validator.map_or("?".into(), |r| format!("{r:.3}"))
+        ),
+        None => println!("ratio: not measured (no gateway pid, or interrupted)"),
+    }
+    if total.ok == 0 {
+        return Err(Failure::Runtime("no sign-in succeeded".into()));
+    }
+    let opt = |x: Option<f64>, d: i32| x.map(|v| round(v, d));
+    Ok(json!({
+        "scenario": "signin",
+        "devices": held,
+        "requests": requests,
+        "rounds": rounds,
+        "duration_s": round(gw.wall_s, 3),
+        "throughput_per_s": round(total.ok as f64 / gw.wall_s.max(1e-9), 1),
+        "signins_per_cpu_s": opt(gw.per_cpu_second(), 1),
+        "latency_us": p,
+        "errors": total.errors,
+        "cut_short": total.cut_short,
+        "gateway": {
+            "pid": pid,
+            "shards": cli.gateway.is_none().then_some(cli.shards),
+            "rss_bytes": rss,
+            "cpu_seconds": round(gw.cpu_s, 3),
+            "cpu_system_seconds": round(gw.cpu_system_s, 3),
+            "signins": gw.ok,
+            "signins_per_cpu_s": opt(gw.per_cpu_second(), 1),
+            "cpu_us_per_signin": opt(us(&gw), 2),
+            "cpu_utilisation": round(gw.cpu_s / gw.wall_s.max(1e-9), 3),
+            "connections_open_at_end": still_open,
+            "bytes_per_device": Value::Null,
+            "stderr_lines": health.as_ref().map(|h| h.stderr_lines),
+        },
+        "baseline": merge(
+            bl.report("verifies", "verifies_per_cpu_s", "cpu_us_per_verify"),
+            json!({ "what": "jsonwebtoken::decode ES256 (signature, exp, iss) on the ring provider, same tokens, main thread of the bench" }),
+        ),
+        "validator": merge(
+            va.report("verifies", "verifies_per_cpu_s", "cpu_us_per_verify"),
+            json!({ "what": "coap_gateway TokenValidator::validate (what the gateway runs per sign-in), same tokens" }),
+        ),
+        "ratio": opt(ratio, 4),
+        "ratio_vs_validator": opt(ratio_validator, 4),
+        "gateway_overhead_us_per_signin": opt(us(&gw).zip(us(&bl)).map(|(g, b)| g - b), 2),
+        "per_round": per_round,
+        "goal": { "ratio_min": SIGNIN_RATIO_GOAL, "met": ratio.map(|r| r >= SIGNIN_RATIO_GOAL) },
+        "setup": setup,
+        "client_threads": ctx.threads,
+        "client_cpu_seconds": round(client_cpu_s, 3),
     }))
 }
 

@@ -1,0 +1,176 @@
+//! The set-up phase of the OCF scenarios: every device of the fleet
+//! connects with its own identity certificate, sends our CSM and a sign-up
+//! (spec §5.2) with a code minted in process by the gateway's authority,
+//! and then closes (`connect`) or signs in once and stays connected
+//! (`signin`).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use coap_gateway::auth::authority::Authority;
+use rustls::ClientConfig;
+
+use crate::device::{Device, DeviceError, Stage};
+use crate::load::{Errors, LoadResult, StageHistograms, IO_TIMEOUT};
+use crate::ocf::{self, Identity, Registration};
+
+/// How long a device waits for the gateway's `GET /oic/res` after its
+/// first sign-in.
+const LOCAL_ENDPOINTS_WAIT: Duration = Duration::from_secs(2);
+
+/// A device that signed up.
+pub struct Registered {
+    pub config: Arc<ClientConfig>,
+    pub registration: Registration,
+    /// Its sign-in request body ([`ocf::sign_in_body`]), built once.
+    pub sign_in_body: Vec<u8>,
+}
+
+/// What the set-up did.
+pub struct Enrolled {
+    /// Per client thread, the devices it signed up, with their connection
+    /// when it was kept.
+    pub groups: Vec<Vec<(Registered, Option<Device>)>>,
+    pub load: LoadResult,
+}
+
+impl Enrolled {
+    /// All registered devices (kept connections closed), and the set-up's
+    /// figures.
+    pub fn into_registered(self) -> (Vec<Registered>, LoadResult) {
+        let registered = self
+            .groups
+            .into_iter()
+            .flatten()
+            .map(|(r, d)| {
+                if let Some(d) = d {
+                    d.close();
+                }
+                r
+            })
+            .collect();
+        (registered, self.load)
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Signs up every identity from `threads` client threads (identity `i` on
+/// thread `i % threads`). With `keep`, each device then signs in, answers
+/// the gateway's `GET /oic/res`, and its connection is kept (blocking
+/// mode, with socket timeouts); otherwise it closes after the sign-up.
+pub fn enroll(
+    addr: SocketAddr,
+    identities: Vec<Identity>,
+    authority: &Arc<Authority>,
+    threads: usize,
+    deadline: Instant,
+    interrupted: &Arc<AtomicBool>,
+    keep: bool,
+) -> Enrolled {
+    let threads = threads.clamp(1, identities.len().max(1));
+    let mut shares: Vec<Vec<Identity>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, identity) in identities.into_iter().enumerate() {
+        shares[i % threads].push(identity);
+    }
+    let total: u64 = shares.iter().map(|s| s.len() as u64).sum();
+    let max_failures = (total / 10).max(50);
+    let failed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let handles: Vec<_> = shares
+        .into_iter()
+        .map(|share| {
+            let (authority, failed, interrupted) =
+                (authority.clone(), failed.clone(), interrupted.clone());
+            std::thread::spawn(move || {
+                let mut latency = StageHistograms::new();
+                let mut errors = Errors::default();
+                let mut done = Vec::with_capacity(share.len());
+                for identity in share {
+                    if Instant::now() >= deadline
+                        || interrupted.load(Ordering::Relaxed)
+                        || failed.load(Ordering::Relaxed) >= max_failures
+                    {
+                        break;
+                    }
+                    match enroll_one(addr, identity, &authority, keep) {
+                        Ok((registered, device, timings)) => {
+                            latency.record(&timings);
+                            done.push((registered, device));
+                        }
+                        Err(e) => {
+                            errors.record(&e);
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                (done, errors, latency)
+            })
+        })
+        .collect();
+    let mut load = LoadResult::empty();
+    let mut groups = Vec::with_capacity(handles.len());
+    for h in handles {
+        match h.join() {
+            Ok((done, errors, latency)) => {
+                load.ok += done.len() as u64;
+                load.errors.add(&errors);
+                load.latency.add(&latency);
+                groups.push(done);
+            }
+            Err(_) => load.cut_short = Some("a client thread panicked".into()),
+        }
+    }
+    load.wall = started.elapsed();
+    if load.ok + load.errors.total < total && load.cut_short.is_none() {
+        load.cut_short = Some(if interrupted.load(Ordering::Relaxed) {
+            "interrupted".into()
+        } else if load.errors.total >= max_failures {
+            format!("stopped after {} failures", load.errors.total)
+        } else {
+            "deadline reached".into()
+        });
+    }
+    Enrolled { groups, load }
+}
+
+type EnrollOne = (Registered, Option<Device>, crate::device::Timings);
+
+fn enroll_one(
+    addr: SocketAddr,
+    identity: Identity,
+    authority: &Authority,
+    keep: bool,
+) -> Result<EnrollOne, DeviceError> {
+    let (mut device, mut timings) = Device::connect(addr, &identity.config, IO_TIMEOUT)?;
+    let code = authority
+        .issue_code(ocf::OWNER, Some(&identity.id), now_unix())
+        .map_err(|e| DeviceError::new(Stage::SignUp, format!("cannot mint a code: {e}")))?;
+    let (registration, took) = device.sign_up(&identity.id, &code, true)?;
+    timings.sign_up = Some(took);
+    let sign_in_body = ocf::sign_in_body(
+        &identity.id,
+        &registration.user_id,
+        &registration.access_token,
+    );
+    let registered = Registered {
+        config: identity.config,
+        registration,
+        sign_in_body,
+    };
+    if !keep {
+        device.close();
+        return Ok((registered, None, timings));
+    }
+    timings.sign_in = Some(device.sign_in(&registered.sign_in_body, false)?);
+    device
+        .serve_request(LOCAL_ENDPOINTS_WAIT)
+        .map_err(|e| DeviceError::new(Stage::SignIn, e))?;
+    Ok((registered, Some(device), timings))
+}
