@@ -441,11 +441,14 @@ impl Session {
         }
     }
 
-    fn sign_off(&mut self, wall: SystemTime, msg: &MessageRef<'_>) -> Result<(), SessionError> {
-        let now = unix(wall);
-        let query = SignOffQuery::parse(msg.uri_queries())
-            .map_err(|e| SessionError::BadQuery(e.to_string()))?;
-        let credentials = query.credentials().or(self.session_credentials(wall));
+    /// spec §4.5 for sign-in, sign-out and sign-off: all three credentials
+    /// given (4.00), the token valid, its owner the `uid`, and the device
+    /// resolved (4.01).
+    fn verify_credentials(
+        &self,
+        credentials: Credentials<'_>,
+        now: u64,
+    ) -> Result<(VerifiedToken, AuthContext), SessionError> {
         credentials
             .check()
             .map_err(|e| SessionError::Invalid(e.to_string()))?;
@@ -456,11 +459,21 @@ impl Session {
             .validate(credentials.access_token, now)
             .map_err(|e| token_error(&self.config, e))?;
         if verified.owner() != credentials.user_id {
-            return Err(SessionError::Denied(
-                "the token's owner is not the uid".into(),
-            ));
+            return Err(SessionError::Denied(format!(
+                "the token's owner is not the uid {:?}",
+                credentials.user_id
+            )));
         }
         let ctx = self.authorize(&verified, credentials.device_id)?;
+        Ok((verified, ctx))
+    }
+
+    fn sign_off(&mut self, wall: SystemTime, msg: &MessageRef<'_>) -> Result<(), SessionError> {
+        let now = unix(wall);
+        let query = SignOffQuery::parse(msg.uri_queries())
+            .map_err(|e| SessionError::BadQuery(e.to_string()))?;
+        let credentials = query.credentials().or(self.session_credentials(wall));
+        let (_, ctx) = self.verify_credentials(credentials, now)?;
         // Our own connection goes OFFLINE first, so that removing the
         // device does not close it (spec §5.3: the connection stays open).
         if let Some(signed_in) = self.signed_in.take() {
@@ -512,19 +525,7 @@ impl Session {
             .map_err(|e| SessionError::Invalid(e.to_string()))?;
         let format = ContentFormat::from_accept(msg.accept())
             .ok_or_else(|| SessionError::ServiceUnavailable("unsupported accept".into()))?;
-        let verified = self
-            .config
-            .validator
-            .load()
-            .validate(credentials.access_token, now)
-            .map_err(|e| token_error(&self.config, e))?;
-        if verified.owner() != credentials.user_id {
-            return Err(SessionError::Denied(format!(
-                "the token's owner is not the uid {:?}",
-                credentials.user_id
-            )));
-        }
-        let ctx = self.authorize(&verified, credentials.device_id)?;
+        let (verified, ctx) = self.verify_credentials(credentials, now)?;
         let deadline = sign_in_deadline(
             verified.expires_at(),
             self.config.owner_cache_expiration,
@@ -648,21 +649,7 @@ impl Session {
             return Err(SessionError::Invalid("not signed in".into()));
         }
         let credentials = credentials.or(self.session_credentials(wall));
-        credentials
-            .check()
-            .map_err(|e| SessionError::Invalid(e.to_string()))?;
-        let verified = self
-            .config
-            .validator
-            .load()
-            .validate(credentials.access_token, now)
-            .map_err(|e| token_error(&self.config, e))?;
-        if verified.owner() != credentials.user_id {
-            return Err(SessionError::Denied(
-                "the token's owner is not the uid".into(),
-            ));
-        }
-        self.authorize(&verified, credentials.device_id)?;
+        self.verify_credentials(credentials, now)?;
         if let Some(signed_in) = self.signed_in.take() {
             self.config
                 .hub
