@@ -222,7 +222,8 @@ impl Fixture {
                 service_id: "svc-1".into(),
                 connection_id: "127.0.0.1:40000".into(),
             },
-        );
+        )
+        .unwrap();
         hub.set_local_endpoints(
             D1,
             ConnectionRef(7),

@@ -208,16 +208,17 @@ impl Hub for MemoryHub {
         out
     }
 
-    fn set_online(&self, ctx: &AuthContext, online: Online) -> Replaced {
+    fn set_online(&self, ctx: &AuthContext, online: Online) -> Result<Replaced, HubError> {
         let replaced = {
             let mut devices = self.state();
+            // Only a registered device goes online: a device deleted
+            // between the ownership check and here stays deleted.
             let device = devices
-                .entry(key(&ctx.device_id))
-                .or_insert_with(|| Device {
-                    device_id: ctx.device_id.clone(),
-                    owner: ctx.owner.clone(),
-                    ..Device::default()
-                });
+                .get_mut(&key(&ctx.device_id))
+                .filter(|d| d.owner == ctx.owner)
+                .ok_or_else(|| {
+                    HubError::NotFound(format!("device {} is not registered", ctx.device_id))
+                })?;
             let previous = device
                 .connection
                 .replace(online.connection)
@@ -236,7 +237,7 @@ impl Hub for MemoryHub {
         if let Some(older) = replaced {
             self.close(older, "the device signed in on another connection");
         }
-        Replaced(replaced)
+        Ok(Replaced(replaced))
     }
 
     fn set_local_endpoints(&self, device_id: &str, connection: ConnectionRef, eps: Vec<String>) {
@@ -367,10 +368,11 @@ mod tests {
         hub.set_connections(closed.clone());
         let c = ctx("alice");
         hub.add_device(&c).unwrap();
-        assert_eq!(hub.set_online(&c, online(1)), Replaced(None));
+        assert!(hub.set_online(&ctx("bob"), online(1)).is_err());
+        assert_eq!(hub.set_online(&c, online(1)), Ok(Replaced(None)));
         assert_eq!(
             hub.set_online(&c, online(2)),
-            Replaced(Some(ConnectionRef(1)))
+            Ok(Replaced(Some(ConnectionRef(1))))
         );
         hub.set_offline(D, ConnectionRef(1));
         assert!(hub.device("alice", D).unwrap().status.online);

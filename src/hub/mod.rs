@@ -241,7 +241,8 @@ pub trait Hub: Send + Sync + fmt::Debug {
 
     /// ONLINE (spec §8.1). An earlier connection of the same device that is
     /// still open is closed (spec §14 item 13) and returned.
-    fn set_online(&self, ctx: &AuthContext, online: Online) -> Replaced;
+    /// [`HubError::NotFound`] when the device is not `ctx.owner`'s.
+    fn set_online(&self, ctx: &AuthContext, online: Online) -> Result<Replaced, HubError>;
 
     /// The device's local endpoints, once its `/oic/d` link was read (spec
     /// §8.1), if `connection` is still the one that went online.

@@ -567,7 +567,7 @@ impl Session {
         if !same {
             // spec §8.1: ONLINE; the hub closes an older connection of the
             // same device (spec §14 item 13).
-            self.config.hub.set_online(
+            let online = self.config.hub.set_online(
                 &ctx,
                 Online {
                     connection: self.identity.connection,
@@ -577,6 +577,13 @@ impl Session {
                     connection_id: self.identity.remote.to_string(),
                 },
             );
+            if let Err(e) = online {
+                self.signed_in = None;
+                self.timers[Timer::Deadline as usize] = None;
+                return Err(SessionError::Denied(format!(
+                    "access to device denied: {e}"
+                )));
+            }
             tracing::info!(device_id = %ctx.device_id, owner = %ctx.owner, "device signed in");
         }
         self.write_response(Code::CHANGED, msg.token, Some(format), &body);
