@@ -103,7 +103,6 @@ impl Service for GatewayService {
             session: Session::new(self.config.clone(), identity, now, u64::from_be_bytes(seed)),
             max_message_size: self.config.max_message_size,
             id: info.id,
-            config: self.config.clone(),
             sender: self.sender.clone(),
         }
     }
@@ -137,7 +136,6 @@ pub struct DeviceConnection {
     session: Session,
     max_message_size: usize,
     id: ConnId,
-    config: Rc<SessionConfig>,
     sender: SenderSlot,
 }
 
@@ -151,7 +149,8 @@ impl DeviceConnection {
     /// through a [`GatewayMessage::Exchange`] to this connection.
     fn start_exchanges(&mut self, now: Instant) {
         while let Some(exchange) = self.session.poll_exchange() {
-            let Some(provider) = self.config.providers.get(exchange.provider).cloned() else {
+            let providers = &self.session.config().providers;
+            let Some(provider) = providers.get(exchange.provider).cloned() else {
                 continue;
             };
             let sender = self.sender.clone();

@@ -275,9 +275,8 @@ fn serve(path: Option<&Path>, format: Option<LogFormatArg>) -> ExitCode {
         gateway.runtime.stats().to_vec(),
         gateway.runtime.shutdown_flag(),
     );
-    if let Some(authority) = &gateway.authority {
-        api_state = api_state.with_authority(authority.clone());
-    }
+    // The provider carries the embedded authority: its discovery documents,
+    // codes and token endpoint.
     if let Some(provider) = &gateway.provider {
         api_state = api_state.with_provider(provider.clone());
     }

@@ -65,9 +65,8 @@ pub fn tls_files(config: &Config) -> TlsFiles {
 pub struct Gateway {
     pub runtime: Runtime<GatewayMessage>,
     pub hub: Arc<MemoryHub>,
-    /// The embedded token authority, when `[authority] enabled`.
-    pub authority: Option<Arc<Authority>>,
-    /// The embedded authority as the OAuth provider devices name.
+    /// The embedded authority as the OAuth provider devices name, when
+    /// `[authority] enabled`.
     pub provider: Option<Arc<EmbeddedProvider>>,
     pub validator: Arc<SharedValidator>,
     /// This process's random ID (spec §8.1 `service_id`).
@@ -78,6 +77,11 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// The embedded token authority, when `[authority] enabled`.
+    pub fn authority(&self) -> Option<&Arc<Authority>> {
+        self.provider.as_ref().map(|p| p.authority())
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.runtime.local_addr()
     }
@@ -203,10 +207,10 @@ pub fn start_with_shutdown(
         )
     };
 
-    let provider = authority.as_ref().map(|a| {
+    let provider = authority.map(|a| {
         Arc::new(EmbeddedProvider::new(
             config.authority.provider_name.clone(),
-            a.clone(),
+            a,
         ))
     });
     let mut providers: Vec<Arc<dyn TokenProvider>> = Vec::new();
@@ -263,7 +267,6 @@ pub fn start_with_shutdown(
     Ok(Gateway {
         runtime: rt,
         hub,
-        authority,
         provider,
         validator,
         service_id,

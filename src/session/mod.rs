@@ -30,7 +30,7 @@ use crate::ocf::{self, ContentFormat};
 
 pub use error::{SessionError, WireAction};
 use keepalive::Keepalive;
-use ocf_handlers::{PendingExchange, SignedIn};
+use ocf_handlers::SignedIn;
 
 /// Settings and services shared by every session of a shard.
 #[derive(Clone)]
@@ -181,13 +181,9 @@ pub struct Session {
     closed: Option<CloseReason>,
     /// spec §4.6: only a verified token puts a value here.
     signed_in: Option<SignedIn>,
-    /// OAuth exchanges waiting for the driver, and those in flight.
-    exchanges_out: Vec<Exchange>,
-    pending: Vec<PendingExchange>,
-    /// spec §4.8: the last (code or refresh token → tokens) result of this
-    /// connection, answered again to a retransmission.
-    exchange_cache: Option<(ocf_handlers::GrantKey, TokenSet)>,
-    next_exchange_id: u64,
+    /// OAuth exchanges (spec §4.8): only while a device signs up or
+    /// refreshes, boxed so an idle session does not carry them.
+    exchanges: Option<Box<ocf_handlers::Exchanges>>,
     /// The request we sent the device (spec §8.1 `GET /oic/res`) and its
     /// token; one at a time (spec §2.6).
     device_request: Option<[u8; 8]>,
@@ -195,8 +191,6 @@ pub struct Session {
     /// the wall clock at that moment.
     now: Instant,
     wall: SystemTime,
-    /// Exchanged tokens whose `kid` is being fetched (spec §4.1).
-    awaiting_keys: Vec<ocf_handlers::AwaitingKeys>,
 }
 
 impl Session {
@@ -214,14 +208,10 @@ impl Session {
             token_state: seed,
             closed: None,
             signed_in: None,
-            exchanges_out: Vec::new(),
-            pending: Vec::new(),
-            exchange_cache: None,
-            next_exchange_id: 0,
+            exchanges: None,
             device_request: None,
             now,
             wall: SystemTime::UNIX_EPOCH,
-            awaiting_keys: Vec::new(),
         };
         let token = session.next_token();
         // spec §2.3: the CSM carries no options (neither Max-Message-Size nor
@@ -229,6 +219,10 @@ impl Session {
         signal::write_csm(&mut session.out, &token, None, false);
         session.arm_keepalive();
         session
+    }
+
+    pub fn config(&self) -> &Rc<SessionConfig> {
+        &self.config
     }
 
     pub fn identity(&self) -> &PeerIdentity {
@@ -352,11 +346,8 @@ impl Session {
 
     /// The next OAuth exchange for the driver to start.
     pub fn poll_exchange(&mut self) -> Option<Exchange> {
-        if self.exchanges_out.is_empty() {
-            None
-        } else {
-            Some(self.exchanges_out.remove(0))
-        }
+        let queued = &mut self.exchanges.as_mut()?.queued;
+        (!queued.is_empty()).then(|| queued.remove(0))
     }
 
     /// The signed-in device's authorization context (spec §4.6), if any.
@@ -388,15 +379,6 @@ impl Session {
 
     pub fn is_closed(&self) -> Option<&CloseReason> {
         self.closed.as_ref()
-    }
-
-    fn keepalive_now(&self) -> Instant {
-        self.now
-    }
-
-    /// The wall clock at `self.now`, from the last input that carried it.
-    fn wall_now(&self) -> SystemTime {
-        self.wall
     }
 
     fn arm_keepalive(&mut self) {

@@ -33,7 +33,7 @@ pub(super) struct SignedIn {
 
 /// What an exchange is for, and what the waiting requests need.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum GrantKey {
+enum GrantKey {
     SignUp {
         provider: usize,
         code: String,
@@ -61,10 +61,32 @@ struct Waiter {
 /// and checked again when new keys may have come (spec §4.1), rather than
 /// failing the device for good.
 #[derive(Debug, Clone)]
-pub(super) struct AwaitingKeys {
+struct AwaitingKeys {
     key: GrantKey,
     tokens: TokenSet,
     waiter: Waiter,
+}
+
+/// A session's OAuth exchanges (spec §4.8): those waiting for the driver,
+/// those in flight, the last result, and tokens waiting for keys.
+#[derive(Debug, Default)]
+pub(super) struct Exchanges {
+    pub(super) queued: Vec<Exchange>,
+    pending: Vec<PendingExchange>,
+    /// The last (code or refresh token → tokens) result of this
+    /// connection, answered again to a retransmission.
+    cache: Option<(GrantKey, TokenSet)>,
+    awaiting_keys: Vec<AwaitingKeys>,
+    next_id: u64,
+}
+
+impl Exchanges {
+    fn is_empty(&self) -> bool {
+        self.queued.is_empty()
+            && self.pending.is_empty()
+            && self.cache.is_none()
+            && self.awaiting_keys.is_empty()
+    }
 }
 
 /// How often kept tokens are checked again while their key is fetched.
@@ -72,7 +94,7 @@ const KEY_RETRY: Duration = Duration::from_millis(100);
 
 /// An exchange in flight; identical requests share it (spec §4.8).
 #[derive(Debug, Clone)]
-pub(super) struct PendingExchange {
+struct PendingExchange {
     id: u64,
     key: GrantKey,
     waiters: Vec<Waiter>,
@@ -233,17 +255,10 @@ impl Session {
             provider,
             code: request.authorization_code.to_owned(),
         };
-        // The device the code is redeemed for: the certificate's with mTLS
-        // identity certificates, else the request's `di` (spec §4.3).
-        let device_id = match self.certificate() {
-            CertificateDeviceId::Required(Some(id)) => id.to_owned(),
-            _ => request.device_id.to_owned(),
-        };
         self.start_exchange(
             wall,
             key,
             Grant::AuthorizationCode(request.authorization_code.to_owned()),
-            device_id,
             waiter,
         );
         Ok(())
@@ -251,36 +266,36 @@ impl Session {
 
     /// spec §4.8: answered from the connection's cache, joined to an
     /// identical exchange in flight, or started.
-    fn start_exchange(
-        &mut self,
-        wall: SystemTime,
-        key: GrantKey,
-        grant: Grant,
-        device_id: String,
-        waiter: Waiter,
-    ) {
-        if let Some((cached, tokens)) = &self.exchange_cache {
+    fn start_exchange(&mut self, wall: SystemTime, key: GrantKey, grant: Grant, waiter: Waiter) {
+        // The device the grant is for: the certificate's with mTLS identity
+        // certificates, else the request's `di` (spec §4.3).
+        let device_id = match self.certificate() {
+            CertificateDeviceId::Required(Some(id)) => id.to_owned(),
+            _ => waiter.device_id.clone(),
+        };
+        let exchanges = self.exchanges.get_or_insert_with(Box::default);
+        if let Some((cached, tokens)) = &exchanges.cache {
             if *cached == key {
                 let tokens = tokens.clone();
                 self.finish_exchange(wall, &key, Ok(tokens), waiter);
                 return;
             }
         }
-        if let Some(pending) = self.pending.iter_mut().find(|p| p.key == key) {
+        if let Some(pending) = exchanges.pending.iter_mut().find(|p| p.key == key) {
             pending.waiters.push(waiter);
             return;
         }
-        let id = self.next_exchange_id;
-        self.next_exchange_id += 1;
+        let id = exchanges.next_id;
+        exchanges.next_id += 1;
         let provider = match &key {
             GrantKey::SignUp { provider, .. } | GrantKey::Refresh { provider, .. } => *provider,
         };
-        self.pending.push(PendingExchange {
+        exchanges.pending.push(PendingExchange {
             id,
             key,
             waiters: vec![waiter],
         });
-        self.exchanges_out.push(Exchange {
+        exchanges.queued.push(Exchange {
             id,
             provider,
             request: ExchangeRequest {
@@ -301,15 +316,18 @@ impl Session {
     ) {
         self.now = now;
         self.wall = wall;
-        let Some(at) = self.pending.iter().position(|p| p.id == id) else {
+        let Some(exchanges) = self.exchanges.as_mut() else {
             return;
         };
-        let pending = self.pending.remove(at);
+        let Some(at) = exchanges.pending.iter().position(|p| p.id == id) else {
+            return;
+        };
+        let pending = exchanges.pending.remove(at);
         if self.closed.is_some() {
             return;
         }
         if let Ok(tokens) = &result {
-            self.exchange_cache = Some((pending.key.clone(), tokens.clone()));
+            exchanges.cache = Some((pending.key.clone(), tokens.clone()));
         }
         for waiter in pending.waiters {
             self.finish_exchange(wall, &pending.key, result.clone(), waiter);
@@ -346,7 +364,8 @@ impl Session {
                 if self.now < waiter.since + self.config.keepalive_timeout =>
             {
                 let Ok(tokens) = tokens_kept else { return };
-                self.awaiting_keys.push(AwaitingKeys {
+                let exchanges = self.exchanges.get_or_insert_with(Box::default);
+                exchanges.awaiting_keys.push(AwaitingKeys {
                     key: key.clone(),
                     tokens,
                     waiter,
@@ -360,8 +379,13 @@ impl Session {
 
     /// The key-retry timer: check the kept tokens again.
     pub(super) fn retry_awaiting_keys(&mut self) {
-        let wall = self.wall_now();
-        for kept in std::mem::take(&mut self.awaiting_keys) {
+        let wall = self.wall;
+        let kept = self
+            .exchanges
+            .as_mut()
+            .map(|e| std::mem::take(&mut e.awaiting_keys))
+            .unwrap_or_default();
+        for kept in kept {
             self.finish_exchange(wall, &kept.key, Ok(kept.tokens), kept.waiter);
         }
     }
@@ -562,8 +586,14 @@ impl Session {
             deadline,
         });
         self.arm_deadline(wall, deadline);
-        // spec §4.8: a successful sign-in clears the exchange caches.
-        self.exchange_cache = None;
+        // spec §4.8: a successful sign-in clears the exchange caches; an
+        // idle session then keeps no exchange state at all.
+        if let Some(exchanges) = self.exchanges.as_mut() {
+            exchanges.cache = None;
+            if exchanges.is_empty() {
+                self.exchanges = None;
+            }
+        }
         if !same {
             // spec §8.1: ONLINE; the hub closes an older connection of the
             // same device (spec §14 item 13).
@@ -596,7 +626,7 @@ impl Session {
     fn arm_deadline(&mut self, wall: SystemTime, deadline: Option<u64>) {
         self.timers[Timer::Deadline as usize] = deadline.map(|d| {
             let now = unix(wall);
-            self.keepalive_now() + Duration::from_secs(d.saturating_sub(now))
+            self.now + Duration::from_secs(d.saturating_sub(now))
         });
     }
 
@@ -617,8 +647,7 @@ impl Session {
             request.finish();
         }
         self.device_request = Some(token);
-        self.timers[Timer::DeviceRequest as usize] =
-            Some(self.keepalive_now() + self.config.keepalive_timeout);
+        self.timers[Timer::DeviceRequest as usize] = Some(self.now + self.config.keepalive_timeout);
     }
 
     /// A response from the device: ours, or dropped (spec §2.7).
@@ -697,10 +726,6 @@ impl Session {
                 request.authorization_provider
             ))
         })?;
-        let device_id = match self.certificate() {
-            CertificateDeviceId::Required(Some(id)) => id.to_owned(),
-            _ => request.device_id.to_owned(),
-        };
         let waiter = Waiter {
             since: self.now,
             token: msg.token.to_vec(),
@@ -715,7 +740,6 @@ impl Session {
                 refresh_token: request.refresh_token.to_owned(),
             },
             Grant::RefreshToken(request.refresh_token.to_owned()),
-            device_id,
             waiter,
         );
         Ok(())

@@ -237,6 +237,10 @@ fn sign_up_sign_in_publish_discover_unpublish_sign_out_sign_off() {
     assert_eq!(sent[0].0, Code::CHANGED);
     assert_eq!(int(&sent[0].2, "expiresin"), Some(3480));
     assert_eq!(sent[1].0, Code::GET);
+    assert!(
+        f.session.exchanges.is_none(),
+        "a signed-in session keeps no exchange state"
+    );
     let status = f.hub.device("alice", D).unwrap().status;
     assert!(status.online);
     assert_eq!(status.connection_id, "127.0.0.1:40000");

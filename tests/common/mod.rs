@@ -101,8 +101,7 @@ impl TestGateway {
 
     pub fn authority(&self) -> &Arc<coap_gateway::auth::authority::Authority> {
         self.running()
-            .authority
-            .as_ref()
+            .authority()
             .expect("the embedded authority runs")
     }
 
