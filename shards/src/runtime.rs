@@ -729,6 +729,20 @@ impl<S: Service> Future for ConnTask<S> {
                 .shutdown(&shard.service, slot.endpoint, now, &mut tx);
         }
 
+        // A refused handshake is counted before its alert goes out, so a
+        // peer that has seen the alert also sees the counter (/metrics,
+        // tests). Clearing the deadline counts it once.
+        if slot.handshake_deadline.is_some()
+            && matches!(slot.driver.closed(), Some(CloseReason::Tls(_)))
+        {
+            slot.handshake_deadline = None;
+            shard
+                .shared
+                .stats
+                .handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
+        }
+
         // Writes.
         if !tx.is_empty() {
             if slot.pending_tx.is_empty() {
@@ -770,15 +784,6 @@ impl<S: Service> Future for ConnTask<S> {
             None => false,
         };
         if finished {
-            if let Some(reason) = slot.driver.closed() {
-                if matches!(reason, CloseReason::Tls(_)) && slot.handshake_deadline.is_some() {
-                    shard
-                        .shared
-                        .stats
-                        .handshake_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-            }
             if let Some(at) = slot.registered.take() {
                 shard.timers.borrow_mut().remove(&(at, this.key));
             }
