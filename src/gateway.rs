@@ -15,7 +15,7 @@ use shards::{CloseReason, ConnId, ConnInfo, Connection, Service, ShardSender};
 use crate::auth::identity::peer_identity;
 use crate::auth::provider::{OAuthError, TokenSet};
 use crate::coap::deframer;
-use crate::hub::{ConnectionRef, Connections};
+use crate::hub::{ConnectionRef, Connections, HubMessage};
 use crate::session::{PeerIdentity, Session, SessionConfig};
 
 /// The runtime's message sender, known once the runtime started.
@@ -56,6 +56,20 @@ impl Connections for ShardConnections {
         ) {
             tracing::warn!(conn = %to, "cannot ask the connection to close: {e}");
         }
+    }
+
+    fn deliver(&self, connection: ConnectionRef, message: HubMessage) -> Result<(), HubMessage> {
+        let Some(sender) = self.sender.get() else {
+            return Err(message);
+        };
+        let to = conn_id(connection);
+        sender
+            .send(to, GatewayMessage::Hub(message))
+            .map_err(|e| match e.into_inner() {
+                GatewayMessage::Hub(m) => m,
+                // We sent a Hub message; the runtime hands back what it got.
+                other => unreachable!("the runtime handed back another message: {other:?}"),
+            })
     }
 }
 
@@ -129,6 +143,8 @@ pub enum GatewayMessage {
         id: u64,
         result: Result<TokenSet, OAuthError>,
     },
+    /// A command or twin setting from the hub (spec §7).
+    Hub(HubMessage),
 }
 
 /// A device connection as the runtime sees it.
@@ -207,6 +223,10 @@ impl Connection for DeviceConnection {
                 self.session
                     .handle_exchange(now, SystemTime::now(), id, result);
                 self.start_exchanges(now);
+            }
+            GatewayMessage::Hub(message) => {
+                self.session
+                    .handle_hub_message(now, SystemTime::now(), message);
             }
         }
     }

@@ -210,6 +210,7 @@ mod tests {
             device_id: "d".into(),
             owner: "alice".into(),
             status: ConnectionStatus::default(),
+            twin: Default::default(),
         };
         assert_eq!(
             serde_json::to_value(DeviceJson::new(&record)).unwrap(),

@@ -35,6 +35,14 @@ impl Connections for Closed {
             .unwrap_or_else(|p| p.into_inner())
             .push((connection, reason.to_owned()));
     }
+
+    fn deliver(
+        &self,
+        _: ConnectionRef,
+        message: crate::hub::HubMessage,
+    ) -> Result<(), crate::hub::HubMessage> {
+        Err(message)
+    }
 }
 
 impl Closed {

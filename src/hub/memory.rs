@@ -1,17 +1,47 @@
-//! The hub in memory: the registry, links and statuses of the embedded
-//! default until the durable store lands. One lock for the whole state: the
-//! calls are short map operations, made at sign-up, sign-in, publish and
-//! close, never per notification.
+//! The hub in memory: registry, links, statuses, the twin, commands and
+//! event subscribers of the embedded default. One lock for the whole
+//! state: each call is a few map operations.
+//!
+//! The hub stamps events with the wall clock: it is the record keeper,
+//! not protocol code.
+#![allow(clippy::disallowed_methods)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::SystemTime;
 
 use super::{
-    AuthContext, ConnectionRef, ConnectionStatus, Connections, DeviceRecord, Hub, HubError, Online,
-    Replaced, StoredLink,
+    AuthContext, Command, CommandOutcome, CommandResult, CommandTicket, ConnectionRef,
+    ConnectionStatus, Connections, DeviceRecord, Event, EventKind, Hub, HubError, HubMessage,
+    Online, Replaced, ResourceChange, ResourceState, StoredLink, TwinState, TwinSync,
 };
 
-#[derive(Debug, Default)]
+/// How far a subscriber may fall behind before it is dropped.
+const SUBSCRIBER_QUEUE: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dispatch {
+    Pending,
+    /// Handed to this connection's session.
+    Sent(ConnectionRef),
+}
+
+#[derive(Debug)]
+struct CommandEntry {
+    command: Command,
+    dispatch: Dispatch,
+    /// Where the issuer waits for the outcome.
+    waiter: Option<flume::Sender<CommandOutcome>>,
+}
+
+#[derive(Debug)]
+struct TwinResource {
+    state: ResourceState,
+    /// The connection and sequence of the last accepted change (spec §6.7).
+    last: Option<(ConnectionRef, u64)>,
+}
+
+#[derive(Debug)]
 struct Device {
     /// As the device first presented it.
     device_id: String,
@@ -21,23 +51,109 @@ struct Device {
     connection: Option<ConnectionRef>,
     /// By normalised href.
     links: BTreeMap<String, StoredLink>,
+    twin_sync: TwinSync,
+    /// By href.
+    twin: BTreeMap<String, TwinResource>,
+    /// Not yet answered, oldest first.
+    commands: Vec<CommandEntry>,
 }
 
 impl Device {
+    fn new(device_id: &str, owner: &str) -> Device {
+        Device {
+            device_id: device_id.to_owned(),
+            owner: owner.to_owned(),
+            status: ConnectionStatus::default(),
+            connection: None,
+            links: BTreeMap::new(),
+            twin_sync: TwinSync {
+                enabled: true,
+                ..TwinSync::default()
+            },
+            twin: BTreeMap::new(),
+            commands: Vec::new(),
+        }
+    }
+
     fn record(&self) -> DeviceRecord {
         DeviceRecord {
             device_id: self.device_id.clone(),
             owner: self.owner.clone(),
             status: self.status.clone(),
+            twin: self.twin_sync.clone(),
         }
+    }
+
+    fn is_current(&self, connection: ConnectionRef) -> bool {
+        self.connection == Some(connection)
+    }
+}
+
+struct Subscriber {
+    owner: String,
+    tx: flume::Sender<Arc<Event>>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Keyed by [`key`].
+    devices: HashMap<String, Device>,
+    subscribers: Vec<Subscriber>,
+    next_seq: u64,
+}
+
+impl State {
+    /// Records an event and hands it to the owner's subscribers; a
+    /// subscriber that is gone or too far behind is dropped.
+    fn emit(&mut self, owner: &str, device_id: &str, auth: AuthContext, kind: EventKind) {
+        self.next_seq += 1;
+        let event = Arc::new(Event {
+            seq: self.next_seq,
+            owner: owner.to_owned(),
+            device_id: device_id.to_owned(),
+            at_ns: now_ns(),
+            auth,
+            kind,
+        });
+        self.subscribers.retain(|s| {
+            s.owner != owner
+                || match s.tx.try_send(event.clone()) {
+                    Ok(()) => true,
+                    Err(flume::TrySendError::Full(_)) => {
+                        tracing::warn!(owner, "dropping an event subscriber that fell behind");
+                        false
+                    }
+                    Err(flume::TrySendError::Disconnected(_)) => false,
+                }
+        });
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn owner_ctx(owner: &str, device_id: &str) -> AuthContext {
+    AuthContext {
+        owner: owner.to_owned(),
+        device_id: device_id.to_owned(),
+        ..AuthContext::default()
+    }
+}
+
+/// Sends the outcome to the command's issuer, if it still waits.
+fn finish(entry: CommandEntry, outcome: CommandOutcome) {
+    if let Some(waiter) = entry.waiter {
+        let _ = waiter.send(outcome);
     }
 }
 
 /// The in-memory [`Hub`].
 #[derive(Default)]
 pub struct MemoryHub {
-    /// Keyed by [`key`].
-    devices: Mutex<HashMap<String, Device>>,
+    state: Mutex<State>,
     connections: OnceLock<Arc<dyn Connections>>,
 }
 
@@ -61,18 +177,19 @@ impl MemoryHub {
     }
 
     /// How the hub reaches device connections; set once, after the
-    /// transport started. Until then no connection is closed by the hub.
+    /// transport started. Until then no connection is closed by the hub
+    /// and every command stays pending.
     pub fn set_connections(&self, connections: Arc<dyn Connections>) {
         if self.connections.set(connections).is_err() {
             tracing::warn!("hub connections set twice; keeping the first");
         }
     }
 
-    fn state(&self) -> MutexGuard<'_, HashMap<String, Device>> {
+    fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave a map half-updated in
         // a way later calls would misread (each call is one map operation),
         // so a poisoned lock is taken over rather than spreading the panic.
-        self.devices
+        self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -82,45 +199,85 @@ impl MemoryHub {
             connections.close(connection, reason);
         }
     }
+
+    fn deliver(&self, connection: ConnectionRef, message: HubMessage) -> Result<(), HubMessage> {
+        match self.connections.get() {
+            Some(connections) => connections.deliver(connection, message),
+            None => Err(message),
+        }
+    }
+
+    /// A command the session could not be handed: pending again.
+    fn undispatch(&self, device_id: &str, correlation_id: &str, connection: ConnectionRef) {
+        let mut state = self.state();
+        if let Some(device) = state.devices.get_mut(&key(device_id)) {
+            for entry in &mut device.commands {
+                if entry.command.correlation_id == correlation_id
+                    && entry.dispatch == Dispatch::Sent(connection)
+                {
+                    entry.dispatch = Dispatch::Pending;
+                }
+            }
+        }
+    }
 }
 
 impl Hub for MemoryHub {
     fn add_device(&self, ctx: &AuthContext) -> Result<(), HubError> {
-        let mut devices = self.state();
-        let device = devices
-            .entry(key(&ctx.device_id))
-            .or_insert_with(|| Device {
-                device_id: ctx.device_id.clone(),
-                owner: ctx.owner.clone(),
-                ..Device::default()
-            });
-        if device.owner != ctx.owner {
-            return Err(HubError::PermissionDenied(format!(
-                "device {} belongs to another owner",
-                ctx.device_id
-            )));
+        let mut state = self.state();
+        let k = key(&ctx.device_id);
+        if let Some(device) = state.devices.get(&k) {
+            if device.owner != ctx.owner {
+                return Err(HubError::PermissionDenied(format!(
+                    "device {} belongs to another owner",
+                    ctx.device_id
+                )));
+            }
+            return Ok(());
         }
+        state
+            .devices
+            .insert(k, Device::new(&ctx.device_id, &ctx.owner));
+        state.emit(
+            &ctx.owner,
+            &ctx.device_id,
+            ctx.clone(),
+            EventKind::DeviceRegistered,
+        );
         Ok(())
     }
 
     fn owns(&self, owner: &str, device_id: &str) -> bool {
         self.state()
+            .devices
             .get(&key(device_id))
             .is_some_and(|d| d.owner == owner)
     }
 
     fn delete_device(&self, owner: &str, device_id: &str) -> Result<(), HubError> {
         let removed = {
-            let mut devices = self.state();
+            let mut state = self.state();
             let k = key(device_id);
-            match devices.get(&k) {
-                Some(d) if d.owner == owner => devices.remove(&k),
+            let removed = match state.devices.get(&k) {
+                Some(d) if d.owner == owner => state.devices.remove(&k),
                 _ => None,
+            };
+            if let Some(device) = &removed {
+                state.emit(
+                    owner,
+                    &device.device_id,
+                    owner_ctx(owner, &device.device_id),
+                    EventKind::DeviceDeleted,
+                );
             }
+            removed
         };
-        let Some(device) = removed else {
+        let Some(mut device) = removed else {
             return Err(HubError::NotFound(format!("device {device_id} not found")));
         };
+        for entry in device.commands.drain(..) {
+            finish(entry, CommandOutcome::DeviceDeleted);
+        }
         if let Some(connection) = device.connection {
             self.close(connection, "device deleted");
         }
@@ -134,16 +291,25 @@ impl Hub for MemoryHub {
                 bad.href
             )));
         }
-        let mut devices = self.state();
-        let device = devices
+        let mut state = self.state();
+        let device = state
+            .devices
             .get_mut(&key(&ctx.device_id))
             .filter(|d| d.owner == ctx.owner)
             .ok_or_else(|| {
                 HubError::PermissionDenied(format!("device {} is not registered", ctx.device_id))
             })?;
+        let hrefs: Vec<String> = links.iter().map(|l| l.href.clone()).collect();
         for link in links {
             device.links.insert(link.href.clone(), link);
         }
+        let device_id = device.device_id.clone();
+        state.emit(
+            &ctx.owner,
+            &device_id,
+            ctx.clone(),
+            EventKind::LinksPublished { hrefs },
+        );
         Ok(())
     }
 
@@ -153,8 +319,9 @@ impl Hub for MemoryHub {
         instance_ids: &[i64],
         now_unix: u64,
     ) -> Result<Vec<String>, HubError> {
-        let mut devices = self.state();
-        let device = devices
+        let mut state = self.state();
+        let device = state
+            .devices
             .get_mut(&key(&ctx.device_id))
             .filter(|d| d.owner == ctx.owner)
             .ok_or_else(|| HubError::NotFound(format!("device {} not found", ctx.device_id)))?;
@@ -173,7 +340,18 @@ impl Hub for MemoryHub {
         }
         for href in &removed {
             device.links.remove(href);
+            // An unpublished resource leaves the twin.
+            device.twin.remove(href);
         }
+        let device_id = device.device_id.clone();
+        state.emit(
+            &ctx.owner,
+            &device_id,
+            ctx.clone(),
+            EventKind::LinksUnpublished {
+                hrefs: removed.clone(),
+            },
+        );
         Ok(removed)
     }
 
@@ -185,8 +363,9 @@ impl Hub for MemoryHub {
         now_unix: u64,
     ) -> Vec<(String, Vec<StoredLink>)> {
         let wanted: Vec<String> = device_ids.iter().map(|d| key(d)).collect();
-        let devices = self.state();
-        let mut out: Vec<(String, Vec<StoredLink>)> = devices
+        let state = self.state();
+        let mut out: Vec<(String, Vec<StoredLink>)> = state
+            .devices
             .iter()
             .filter(|(k, d)| d.owner == owner && (wanted.is_empty() || wanted.contains(k)))
             .map(|(_, d)| {
@@ -210,10 +389,11 @@ impl Hub for MemoryHub {
 
     fn set_online(&self, ctx: &AuthContext, online: Online) -> Result<Replaced, HubError> {
         let replaced = {
-            let mut devices = self.state();
+            let mut state = self.state();
             // Only a registered device goes online: a device deleted
             // between the ownership check and here stays deleted.
-            let device = devices
+            let device = state
+                .devices
                 .get_mut(&key(&ctx.device_id))
                 .filter(|d| d.owner == ctx.owner)
                 .ok_or_else(|| {
@@ -223,6 +403,11 @@ impl Hub for MemoryHub {
                 .connection
                 .replace(online.connection)
                 .filter(|c| *c != online.connection);
+            let event = EventKind::Online {
+                connection_id: online.connection_id.clone(),
+                protocol: online.protocol,
+                service_id: online.service_id.clone(),
+            };
             device.status = ConnectionStatus {
                 online: true,
                 connected_at_ns: online.connected_at_ns,
@@ -231,6 +416,14 @@ impl Hub for MemoryHub {
                 connection_id: online.connection_id,
                 local_endpoints: Vec::new(),
             };
+            // spec §6.9: a new connection starts out of sync (or disabled).
+            device.twin_sync.state = if device.twin_sync.enabled {
+                TwinState::OutOfSync
+            } else {
+                TwinState::Disabled
+            };
+            let device_id = device.device_id.clone();
+            state.emit(&ctx.owner, &device_id, ctx.clone(), event);
             previous
         };
         // spec §14 item 13: one connection per device; the newer wins.
@@ -241,26 +434,39 @@ impl Hub for MemoryHub {
     }
 
     fn set_local_endpoints(&self, device_id: &str, connection: ConnectionRef, eps: Vec<String>) {
-        let mut devices = self.state();
-        if let Some(device) = devices.get_mut(&key(device_id)) {
-            if device.connection == Some(connection) {
+        let mut state = self.state();
+        if let Some(device) = state.devices.get_mut(&key(device_id)) {
+            if device.is_current(connection) {
                 device.status.local_endpoints = eps;
             }
         }
     }
 
     fn set_offline(&self, device_id: &str, connection: ConnectionRef) {
-        let mut devices = self.state();
-        if let Some(device) = devices.get_mut(&key(device_id)) {
-            if device.connection == Some(connection) {
-                device.connection = None;
-                device.status.online = false;
+        let mut state = self.state();
+        let Some(device) = state.devices.get_mut(&key(device_id)) else {
+            return;
+        };
+        // Commands handed to this connection that its session never saw
+        // (still in the shard's channel when it closed) were never sent:
+        // pending again. The session returns or answers those it saw
+        // before it reports OFFLINE.
+        for entry in &mut device.commands {
+            if entry.dispatch == Dispatch::Sent(connection) {
+                entry.dispatch = Dispatch::Pending;
             }
+        }
+        if device.is_current(connection) {
+            device.connection = None;
+            device.status.online = false;
+            let (owner, id) = (device.owner.clone(), device.device_id.clone());
+            state.emit(&owner, &id, owner_ctx(&owner, &id), EventKind::Offline);
         }
     }
 
     fn device(&self, owner: &str, device_id: &str) -> Option<DeviceRecord> {
         self.state()
+            .devices
             .get(&key(device_id))
             .filter(|d| d.owner == owner)
             .map(Device::record)
@@ -269,12 +475,469 @@ impl Hub for MemoryHub {
     fn devices(&self, owner: &str) -> Vec<DeviceRecord> {
         let mut out: Vec<DeviceRecord> = self
             .state()
+            .devices
             .values()
             .filter(|d| d.owner == owner)
             .map(Device::record)
             .collect();
         out.sort_by(|a, b| a.device_id.cmp(&b.device_id));
         out
+    }
+
+    fn twin_enabled(&self, device_id: &str) -> bool {
+        self.state()
+            .devices
+            .get(&key(device_id))
+            .is_none_or(|d| d.twin_sync.enabled)
+    }
+
+    fn set_twin_state(&self, ctx: &AuthContext, connection: ConnectionRef, twin: TwinState) {
+        let mut state = self.state();
+        let Some(device) = state
+            .devices
+            .get_mut(&key(&ctx.device_id))
+            .filter(|d| d.owner == ctx.owner && d.is_current(connection))
+        else {
+            return;
+        };
+        if device.twin_sync.state == twin {
+            return;
+        }
+        device.twin_sync.state = twin;
+        match twin {
+            TwinState::Syncing => device.twin_sync.syncing_at_ns = now_ns(),
+            TwinState::InSync => device.twin_sync.in_sync_at_ns = now_ns(),
+            _ => {}
+        }
+        let id = device.device_id.clone();
+        state.emit(
+            &ctx.owner,
+            &id,
+            ctx.clone(),
+            EventKind::TwinStateChanged { state: twin },
+        );
+    }
+
+    fn latest_etags(&self, device_id: &str, max: usize) -> Vec<Vec<u8>> {
+        let state = self.state();
+        let Some(device) = state.devices.get(&key(device_id)) else {
+            return Vec::new();
+        };
+        let mut tagged: Vec<(u64, &Vec<u8>)> = device
+            .twin
+            .values()
+            .filter_map(|r| r.state.etag.as_ref().map(|e| (r.state.updated_at_ns, e)))
+            .collect();
+        tagged.sort_by_key(|t| std::cmp::Reverse(t.0));
+        tagged
+            .into_iter()
+            .take(max)
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+
+    fn resources_changed(
+        &self,
+        ctx: &AuthContext,
+        connection: ConnectionRef,
+        changes: Vec<ResourceChange>,
+    ) -> Result<(), HubError> {
+        let mut state = self.state();
+        let device = state
+            .devices
+            .get_mut(&key(&ctx.device_id))
+            .filter(|d| d.owner == ctx.owner)
+            .ok_or_else(|| HubError::NotFound(format!("device {} not found", ctx.device_id)))?;
+        if !device.is_current(connection) {
+            return Err(HubError::PermissionDenied(
+                "the device is online on another connection".into(),
+            ));
+        }
+        let at = now_ns();
+        let mut events = Vec::new();
+        for change in changes {
+            let resource = device.twin.entry(change.href.clone());
+            let kept = match resource {
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    slot.insert(TwinResource {
+                        state: ResourceState {
+                            href: change.href.clone(),
+                            content: change.content,
+                            status: change.status,
+                            etag: change.etag,
+                            resource_types: change.resource_types,
+                            version: 0,
+                            updated_at_ns: at,
+                        },
+                        last: Some((connection, change.sequence)),
+                    });
+                    true
+                }
+                std::collections::btree_map::Entry::Occupied(mut slot) => {
+                    let r = slot.get_mut();
+                    // spec §6.7: an older change of the same connection is
+                    // stale; an identical one changes nothing.
+                    let stale = matches!(r.last, Some((c, seq)) if c == connection && change.sequence < seq);
+                    let same = r.state.content == change.content
+                        && r.state.status == change.status
+                        && r.state.etag == change.etag;
+                    if stale || same {
+                        if !stale {
+                            r.last = Some((connection, change.sequence));
+                        }
+                        false
+                    } else {
+                        r.state.content = change.content;
+                        r.state.status = change.status;
+                        r.state.etag = change.etag;
+                        if !change.resource_types.is_empty() {
+                            r.state.resource_types = change.resource_types;
+                        }
+                        r.state.version += 1;
+                        r.state.updated_at_ns = at;
+                        r.last = Some((connection, change.sequence));
+                        true
+                    }
+                }
+            };
+            if kept {
+                let r = &device.twin[&change.href].state;
+                events.push(EventKind::ResourceChanged {
+                    href: r.href.clone(),
+                    status: r.status,
+                    content: r.content.clone(),
+                    etag: r.etag.clone(),
+                    version: r.version,
+                });
+            }
+        }
+        let id = device.device_id.clone();
+        for event in events {
+            state.emit(&ctx.owner, &id, ctx.clone(), event);
+        }
+        Ok(())
+    }
+
+    fn take_pending_commands(
+        &self,
+        ctx: &AuthContext,
+        connection: ConnectionRef,
+        now_ns: u64,
+    ) -> Vec<Command> {
+        let mut state = self.state();
+        let Some(device) = state
+            .devices
+            .get_mut(&key(&ctx.device_id))
+            .filter(|d| d.owner == ctx.owner && d.is_current(connection))
+        else {
+            return Vec::new();
+        };
+        let mut expired = Vec::new();
+        let mut taken = Vec::new();
+        let mut kept = Vec::with_capacity(device.commands.len());
+        for mut entry in device.commands.drain(..) {
+            if entry.dispatch != Dispatch::Pending {
+                kept.push(entry);
+            } else if entry.command.expired(now_ns) {
+                expired.push(entry);
+            } else if entry.command.href == "/plgd/s"
+                || device.links.contains_key(&entry.command.href)
+            {
+                entry.dispatch = Dispatch::Sent(connection);
+                taken.push(entry.command.clone());
+                kept.push(entry);
+            } else {
+                kept.push(entry);
+            }
+        }
+        device.commands = kept;
+        let id = device.device_id.clone();
+        for entry in expired {
+            let c = &entry.command;
+            let kind = EventKind::CommandExpired {
+                correlation_id: c.correlation_id.clone(),
+                href: c.href.clone(),
+                operation: c.kind.operation(),
+            };
+            state.emit(&ctx.owner, &id, ctx.clone(), kind);
+            finish(entry, CommandOutcome::Expired);
+        }
+        taken
+    }
+
+    fn command_result(&self, ctx: &AuthContext, connection: ConnectionRef, result: CommandResult) {
+        let mut state = self.state();
+        let Some(device) = state
+            .devices
+            .get_mut(&key(&ctx.device_id))
+            .filter(|d| d.owner == ctx.owner)
+        else {
+            return;
+        };
+        let Some(at) = device.commands.iter().position(|e| {
+            e.command.correlation_id == result.correlation_id
+                && e.dispatch == Dispatch::Sent(connection)
+        }) else {
+            tracing::debug!(correlation_id = %result.correlation_id, "an answer for no dispatched command");
+            return;
+        };
+        let entry = device.commands.remove(at);
+        let id = device.device_id.clone();
+        let kind = EventKind::CommandAnswered {
+            correlation_id: result.correlation_id.clone(),
+            href: entry.command.href.clone(),
+            operation: entry.command.kind.operation(),
+            status: result.status,
+            content: result.content.clone(),
+        };
+        state.emit(&ctx.owner, &id, ctx.clone(), kind);
+        finish(entry, CommandOutcome::Answered(result));
+    }
+
+    fn return_commands(
+        &self,
+        device_id: &str,
+        connection: ConnectionRef,
+        correlation_ids: &[String],
+    ) {
+        let mut state = self.state();
+        if let Some(device) = state.devices.get_mut(&key(device_id)) {
+            for entry in &mut device.commands {
+                if entry.dispatch == Dispatch::Sent(connection)
+                    && correlation_ids.contains(&entry.command.correlation_id)
+                {
+                    entry.dispatch = Dispatch::Pending;
+                }
+            }
+        }
+    }
+
+    fn resources(&self, owner: &str, device_id: &str) -> Result<Vec<ResourceState>, HubError> {
+        let state = self.state();
+        let device = state
+            .devices
+            .get(&key(device_id))
+            .filter(|d| d.owner == owner)
+            .ok_or_else(|| HubError::NotFound(format!("device {device_id} not found")))?;
+        Ok(device.twin.values().map(|r| r.state.clone()).collect())
+    }
+
+    fn resource(
+        &self,
+        owner: &str,
+        device_id: &str,
+        href: &str,
+    ) -> Result<ResourceState, HubError> {
+        let state = self.state();
+        let device = state
+            .devices
+            .get(&key(device_id))
+            .filter(|d| d.owner == owner)
+            .ok_or_else(|| HubError::NotFound(format!("device {device_id} not found")))?;
+        if let Some(r) = device.twin.get(href) {
+            return Ok(r.state.clone());
+        }
+        if device.links.contains_key(href) {
+            Err(HubError::Unavailable(format!(
+                "resource {href} of device {device_id} has no value yet"
+            )))
+        } else {
+            Err(HubError::NotFound(format!(
+                "resource {href} of device {device_id} not found"
+            )))
+        }
+    }
+
+    fn submit_command(&self, owner: &str, mut command: Command) -> Result<CommandTicket, HubError> {
+        let (tx, rx) = flume::bounded(1);
+        let correlation_id = command.correlation_id.clone();
+        let connection = {
+            let mut state = self.state();
+            let device = state
+                .devices
+                .get_mut(&key(&command.device_id))
+                .filter(|d| d.owner == owner)
+                .ok_or_else(|| {
+                    HubError::NotFound(format!("device {} not found", command.device_id))
+                })?;
+            if device
+                .commands
+                .iter()
+                .any(|e| e.command.correlation_id == command.correlation_id)
+            {
+                return Err(HubError::InvalidArgument(format!(
+                    "correlation ID {} is in use",
+                    command.correlation_id
+                )));
+            }
+            command.device_id.clone_from(&device.device_id);
+            command.issued_at_ns = now_ns();
+            let connection = device.connection;
+            device.commands.push(CommandEntry {
+                command: command.clone(),
+                dispatch: connection.map_or(Dispatch::Pending, Dispatch::Sent),
+                waiter: Some(tx),
+            });
+            let kind = EventKind::CommandPending {
+                correlation_id: command.correlation_id.clone(),
+                href: command.href.clone(),
+                operation: command.kind.operation(),
+                valid_until_ns: command.valid_until_ns,
+            };
+            let id = device.device_id.clone();
+            state.emit(owner, &id, owner_ctx(owner, &id), kind);
+            connection
+        };
+        let device_id = command.device_id.clone();
+        let pending = match connection {
+            Some(c) => match self.deliver(c, HubMessage::Command(Box::new(command))) {
+                Ok(()) => false,
+                Err(_) => {
+                    tracing::debug!(%device_id, "the device's connection cannot take the command now; it waits");
+                    self.undispatch(&device_id, &correlation_id, c);
+                    true
+                }
+            },
+            None => true,
+        };
+        Ok(CommandTicket {
+            correlation_id,
+            pending,
+            outcome: rx,
+        })
+    }
+
+    fn pending_commands(&self, owner: &str, device_id: &str) -> Result<Vec<Command>, HubError> {
+        let state = self.state();
+        let device = state
+            .devices
+            .get(&key(device_id))
+            .filter(|d| d.owner == owner)
+            .ok_or_else(|| HubError::NotFound(format!("device {device_id} not found")))?;
+        Ok(device.commands.iter().map(|e| e.command.clone()).collect())
+    }
+
+    fn cancel_command(
+        &self,
+        owner: &str,
+        device_id: &str,
+        correlation_id: &str,
+    ) -> Result<(), HubError> {
+        let mut state = self.state();
+        let device = state
+            .devices
+            .get_mut(&key(device_id))
+            .filter(|d| d.owner == owner)
+            .ok_or_else(|| HubError::NotFound(format!("device {device_id} not found")))?;
+        let at = device
+            .commands
+            .iter()
+            .position(|e| e.command.correlation_id == correlation_id)
+            .ok_or_else(|| HubError::NotFound(format!("no pending command {correlation_id}")))?;
+        if device.commands[at].dispatch != Dispatch::Pending {
+            return Err(HubError::InvalidArgument(format!(
+                "command {correlation_id} was sent to the device already"
+            )));
+        }
+        let entry = device.commands.remove(at);
+        let id = device.device_id.clone();
+        let kind = EventKind::CommandCanceled {
+            correlation_id: correlation_id.to_owned(),
+            href: entry.command.href.clone(),
+            operation: entry.command.kind.operation(),
+        };
+        state.emit(owner, &id, owner_ctx(owner, &id), kind);
+        finish(entry, CommandOutcome::Canceled);
+        Ok(())
+    }
+
+    fn set_twin_enabled(
+        &self,
+        owner: &str,
+        device_id: &str,
+        enabled: bool,
+        force: bool,
+    ) -> Result<(), HubError> {
+        let connection = {
+            let mut state = self.state();
+            let device = state
+                .devices
+                .get_mut(&key(device_id))
+                .filter(|d| d.owner == owner)
+                .ok_or_else(|| HubError::NotFound(format!("device {device_id} not found")))?;
+            let changed = device.twin_sync.enabled != enabled;
+            device.twin_sync.enabled = enabled;
+            if changed || force {
+                device.twin_sync.state = if enabled {
+                    TwinState::OutOfSync
+                } else {
+                    TwinState::Disabled
+                };
+            }
+            let connection = device.connection;
+            let id = device.device_id.clone();
+            if changed {
+                state.emit(
+                    owner,
+                    &id,
+                    owner_ctx(owner, &id),
+                    EventKind::TwinEnabledChanged { enabled },
+                );
+            }
+            connection.filter(|_| changed || force)
+        };
+        if let Some(c) = connection {
+            if self
+                .deliver(c, HubMessage::Twin { enabled, force })
+                .is_err()
+            {
+                // The session cannot be told: it reconnects with the new
+                // setting, so close it.
+                self.close(c, "cannot deliver a twin setting to the connection");
+            }
+        }
+        Ok(())
+    }
+
+    fn expire_commands(&self, now_ns: u64) {
+        let mut state = self.state();
+        let mut expired = Vec::new();
+        for device in state.devices.values_mut() {
+            if !device
+                .commands
+                .iter()
+                .any(|e| e.dispatch == Dispatch::Pending && e.command.expired(now_ns))
+            {
+                continue;
+            }
+            let (gone, kept): (Vec<_>, Vec<_>) = device
+                .commands
+                .drain(..)
+                .partition(|e| e.dispatch == Dispatch::Pending && e.command.expired(now_ns));
+            device.commands = kept;
+            for entry in gone {
+                expired.push((device.owner.clone(), device.device_id.clone(), entry));
+            }
+        }
+        for (owner, id, entry) in expired {
+            let c = &entry.command;
+            let kind = EventKind::CommandExpired {
+                correlation_id: c.correlation_id.clone(),
+                href: c.href.clone(),
+                operation: c.kind.operation(),
+            };
+            state.emit(&owner, &id, owner_ctx(&owner, &id), kind);
+            finish(entry, CommandOutcome::Expired);
+        }
+    }
+
+    fn subscribe(&self, owner: &str) -> flume::Receiver<Arc<Event>> {
+        let (tx, rx) = flume::bounded(SUBSCRIBER_QUEUE);
+        self.state().subscribers.push(Subscriber {
+            owner: owner.to_owned(),
+            tx,
+        });
+        rx
     }
 }
 
@@ -318,6 +981,9 @@ mod tests {
     impl Connections for Closed {
         fn close(&self, c: ConnectionRef, reason: &str) {
             self.0.lock().unwrap().push((c, reason.into()));
+        }
+        fn deliver(&self, _: ConnectionRef, message: HubMessage) -> Result<(), HubMessage> {
+            Err(message)
         }
     }
 

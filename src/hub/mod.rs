@@ -12,14 +12,20 @@
 //! [`memory::MemoryHub`] keeps it in memory. The durable embedded hub
 //! (redb) and the NATS JetStream hub implement the same trait.
 
+pub mod command;
+pub mod event;
 pub mod memory;
+pub mod twin;
 
 use std::borrow::Cow;
 use std::fmt;
 
 use crate::ocf::rd::{Endpoint, Link, Policy};
 
+pub use command::{Command, CommandKind, CommandOutcome, CommandResult, CommandTicket, HubMessage};
+pub use event::{Event, EventKind};
 pub use memory::MemoryHub;
+pub use twin::{Content, Operation, ResourceChange, ResourceState, Status, TwinState, TwinSync};
 
 /// Who acts: the authorization context of a connection (spec §4.6), carried
 /// by every change a device makes, so each change in the hub is
@@ -46,6 +52,11 @@ pub struct ConnectionRef(pub u128);
 /// on top of the shards' message channels.
 pub trait Connections: Send + Sync {
     fn close(&self, connection: ConnectionRef, reason: &str);
+
+    /// Hands a message to the connection's session. A connection that is
+    /// gone or whose queue is full hands the message back (the hub then
+    /// keeps a command pending).
+    fn deliver(&self, connection: ConnectionRef, message: HubMessage) -> Result<(), HubMessage>;
 }
 
 /// spec §8.1 `connection.protocol`.
@@ -87,6 +98,8 @@ pub struct DeviceRecord {
     pub device_id: String,
     pub owner: String,
     pub status: ConnectionStatus,
+    /// spec §6.9.
+    pub twin: TwinSync,
 }
 
 /// ONLINE (spec §8.1): what the session knows at sign-in.
@@ -257,4 +270,112 @@ pub trait Hub: Send + Sync + fmt::Debug {
 
     /// All devices of `owner`, in ID order.
     fn devices(&self, owner: &str) -> Vec<DeviceRecord>;
+
+    // -- the device side of the twin and commands (spec §6, §7) ----------
+    //
+    // Called by a signed-in session with its connection: calls from a
+    // connection other than the one that went ONLINE are refused (a newer
+    // connection of the same device owns the twin, spec §6.9, §8.2).
+
+    /// spec §6.2: whether the twin is kept (default true).
+    fn twin_enabled(&self, device_id: &str) -> bool;
+
+    /// spec §6.9: SYNCING / IN_SYNC from the session.
+    fn set_twin_state(&self, ctx: &AuthContext, connection: ConnectionRef, state: TwinState);
+
+    /// spec §6.5 ETags on re-sync: the ETags of the twin's latest
+    /// representations, newest first, at most `max`.
+    fn latest_etags(&self, device_id: &str, max: usize) -> Vec<Vec<u8>>;
+
+    /// Notifications and reads (spec §6.5, §6.7), applied in order. A
+    /// change is kept only if it is newer (by `sequence`) than the last
+    /// one from the same connection and differs from the twin. An error
+    /// means the hub could not take them: the session closes the
+    /// connection so that the device resyncs (spec §6.7).
+    fn resources_changed(
+        &self,
+        ctx: &AuthContext,
+        connection: ConnectionRef,
+        changes: Vec<ResourceChange>,
+    ) -> Result<(), HubError>;
+
+    /// Cold start (spec §7.1): the device's unexpired pending commands for
+    /// published resources, oldest first, now dispatched to `connection`
+    /// (so no other connection gets them). Expired ones are reported as
+    /// expired and dropped.
+    fn take_pending_commands(
+        &self,
+        ctx: &AuthContext,
+        connection: ConnectionRef,
+        now_ns: u64,
+    ) -> Vec<Command>;
+
+    /// The answer to a dispatched command (spec §7.3). Ignored for a
+    /// command that is not dispatched to `connection` (answered already,
+    /// canceled, or of another connection).
+    fn command_result(&self, ctx: &AuthContext, connection: ConnectionRef, result: CommandResult);
+
+    /// Dispatched commands the session never sent (its connection closed
+    /// first): pending again, for the device's next connection.
+    fn return_commands(
+        &self,
+        device_id: &str,
+        connection: ConnectionRef,
+        correlation_ids: &[String],
+    );
+
+    // -- the user side (HTTP API) -----------------------------------------
+    //
+    // Scoped by owner: another owner's device is NotFound. Calls that
+    // report a change return once it is durable.
+
+    /// The twin of one device: every resource with a reported value, in
+    /// href order.
+    fn resources(&self, owner: &str, device_id: &str) -> Result<Vec<ResourceState>, HubError>;
+
+    /// One resource of the twin. NotFound when the device has no such
+    /// published resource; a published resource without a value yet is
+    /// [`HubError::Unavailable`].
+    fn resource(&self, owner: &str, device_id: &str, href: &str)
+        -> Result<ResourceState, HubError>;
+
+    /// Accepts a command: sent to the device's connection now if it is
+    /// online, else pending until the device signs in again (spec §7.1)
+    /// or `valid_until_ns` passes. A `correlation_id` already in use by a
+    /// command not yet answered is InvalidArgument.
+    fn submit_command(&self, owner: &str, command: Command) -> Result<CommandTicket, HubError>;
+
+    /// The device's commands not yet answered (pending or dispatched),
+    /// oldest first.
+    fn pending_commands(&self, owner: &str, device_id: &str) -> Result<Vec<Command>, HubError>;
+
+    /// Cancels a pending command (never sent). A dispatched command cannot
+    /// be canceled (FailedPrecondition-like: InvalidArgument); an unknown
+    /// one is NotFound.
+    fn cancel_command(
+        &self,
+        owner: &str,
+        device_id: &str,
+        correlation_id: &str,
+    ) -> Result<(), HubError>;
+
+    /// spec §7.5: turns the twin on or off (or forces a resync with
+    /// `force`); an online device's session is told at once.
+    fn set_twin_enabled(
+        &self,
+        owner: &str,
+        device_id: &str,
+        enabled: bool,
+        force: bool,
+    ) -> Result<(), HubError>;
+
+    /// Expires pending commands whose `valid_until` passed (spec §7.4):
+    /// their issuers learn [`CommandOutcome::Expired`]. Called
+    /// periodically by the control plane.
+    fn expire_commands(&self, now_ns: u64);
+
+    /// Events of `owner`'s devices from now on. A subscriber that falls
+    /// more than the channel's bound behind is dropped (its receiver
+    /// disconnects).
+    fn subscribe(&self, owner: &str) -> flume::Receiver<std::sync::Arc<Event>>;
 }

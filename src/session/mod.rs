@@ -25,7 +25,10 @@ use crate::auth::jwt::{TokenValidator, ValidationSettings};
 use crate::auth::provider::{ExchangeRequest, OAuthError, TokenProvider, TokenSet};
 use crate::auth::validator::SharedValidator;
 use crate::coap::{option, signal, Code, MessageRef, MessageWriter};
-use crate::hub::{AuthContext, ConnectionRef, Hub, MemoryHub, Protocol};
+use crate::hub::{
+    AuthContext, CommandResult, ConnectionRef, Content, Hub, HubMessage, MemoryHub, Protocol,
+    Status,
+};
 use crate::ocf::{self, ContentFormat};
 
 pub use error::{SessionError, WireAction};
@@ -341,6 +344,26 @@ impl Session {
             self.config
                 .hub
                 .set_offline(&signed_in.ctx.device_id, self.identity.connection);
+        }
+    }
+
+    /// A command or twin setting from the hub (spec §7).
+    pub fn handle_hub_message(&mut self, now: Instant, wall: SystemTime, message: HubMessage) {
+        self.now = now;
+        self.wall = wall;
+        // Until the session executes commands (spec §7.2), it answers each
+        // at once so that no issuer waits in vain.
+        if let (HubMessage::Command(command), Some(signed_in)) = (message, &self.signed_in) {
+            self.config.hub.command_result(
+                &signed_in.ctx,
+                self.identity.connection,
+                CommandResult {
+                    correlation_id: command.correlation_id.clone(),
+                    status: Status::NotImplemented,
+                    content: Content::none(),
+                    etag: None,
+                },
+            );
         }
     }
 
