@@ -7,13 +7,14 @@
 #![allow(clippy::disallowed_methods)]
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
 use super::{
     AuthContext, Command, CommandOutcome, CommandResult, CommandTicket, ConnectionRef,
     ConnectionStatus, Connections, DeviceRecord, Event, EventKind, Hub, HubError, HubMessage,
-    Online, Replaced, ResourceChange, ResourceState, StoredLink, TwinState, TwinSync,
+    HubStats, Online, Replaced, ResourceChange, ResourceState, StoredLink, TwinState, TwinSync,
 };
 
 /// How far a subscriber may fall behind before it is dropped.
@@ -155,6 +156,7 @@ fn finish(entry: CommandEntry, outcome: CommandOutcome) {
 pub struct MemoryHub {
     state: Mutex<State>,
     connections: OnceLock<Arc<dyn Connections>>,
+    stats: HubStats,
 }
 
 impl std::fmt::Debug for MemoryHub {
@@ -416,6 +418,7 @@ impl Hub for MemoryHub {
                 connection_id: online.connection_id,
                 local_endpoints: Vec::new(),
             };
+            self.stats.sign_ins.fetch_add(1, Ordering::Relaxed);
             // spec §6.9: a new connection starts out of sync (or disabled).
             device.twin_sync.state = if device.twin_sync.enabled {
                 TwinState::OutOfSync
@@ -555,6 +558,9 @@ impl Hub for MemoryHub {
         }
         let at = now_ns();
         let mut events = Vec::new();
+        self.stats
+            .notifications
+            .fetch_add(changes.len() as u64, Ordering::Relaxed);
         for change in changes {
             let resource = device.twin.entry(change.href.clone());
             let kept = match resource {
@@ -601,6 +607,7 @@ impl Hub for MemoryHub {
                 }
             };
             if kept {
+                self.stats.twin_updates.fetch_add(1, Ordering::Relaxed);
                 let r = &device.twin[&change.href].state;
                 events.push(EventKind::ResourceChanged {
                     href: r.href.clone(),
@@ -660,6 +667,7 @@ impl Hub for MemoryHub {
                 operation: c.kind.operation(),
             };
             state.emit(&ctx.owner, &id, ctx.clone(), kind);
+            self.stats.commands_expired.fetch_add(1, Ordering::Relaxed);
             finish(entry, CommandOutcome::Expired);
         }
         taken
@@ -691,6 +699,7 @@ impl Hub for MemoryHub {
             content: result.content.clone(),
         };
         state.emit(&ctx.owner, &id, ctx.clone(), kind);
+        self.stats.count_answer(result.status);
         finish(entry, CommandOutcome::Answered(result));
     }
 
@@ -772,6 +781,9 @@ impl Hub for MemoryHub {
             }
             command.device_id.clone_from(&device.device_id);
             command.issued_at_ns = now_ns();
+            self.stats
+                .commands_submitted
+                .fetch_add(1, Ordering::Relaxed);
             let connection = device.connection;
             device.commands.push(CommandEntry {
                 command: command.clone(),
@@ -793,6 +805,7 @@ impl Hub for MemoryHub {
             Some(c) => match self.deliver(c, HubMessage::Command(Box::new(command))) {
                 Ok(()) => false,
                 Err(_) => {
+                    self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%device_id, "the device's connection cannot take the command now; it waits");
                     self.undispatch(&device_id, &correlation_id, c);
                     true
@@ -847,6 +860,7 @@ impl Hub for MemoryHub {
             operation: entry.command.kind.operation(),
         };
         state.emit(owner, &id, owner_ctx(owner, &id), kind);
+        self.stats.commands_canceled.fetch_add(1, Ordering::Relaxed);
         finish(entry, CommandOutcome::Canceled);
         Ok(())
     }
@@ -927,8 +941,21 @@ impl Hub for MemoryHub {
                 operation: c.kind.operation(),
             };
             state.emit(&owner, &id, owner_ctx(&owner, &id), kind);
+            self.stats.commands_expired.fetch_add(1, Ordering::Relaxed);
             finish(entry, CommandOutcome::Expired);
         }
+    }
+
+    fn stats(&self) -> &HubStats {
+        &self.stats
+    }
+
+    fn pending_depth(&self) -> usize {
+        self.state()
+            .devices
+            .values()
+            .map(|d| d.commands.len())
+            .sum()
     }
 
     fn subscribe(&self, owner: &str) -> flume::Receiver<Arc<Event>> {

@@ -15,6 +15,7 @@
 pub mod command;
 pub mod event;
 pub mod memory;
+pub mod stats;
 pub mod twin;
 
 use std::borrow::Cow;
@@ -25,6 +26,7 @@ use crate::ocf::rd::{Endpoint, Link, Policy};
 pub use command::{Command, CommandKind, CommandOutcome, CommandResult, CommandTicket, HubMessage};
 pub use event::{Event, EventKind};
 pub use memory::MemoryHub;
+pub use stats::HubStats;
 pub use twin::{Content, Operation, ResourceChange, ResourceState, Status, TwinState, TwinSync};
 
 /// Who acts: the authorization context of a connection (spec §4.6), carried
@@ -378,4 +380,10 @@ pub trait Hub: Send + Sync + fmt::Debug {
     /// more than the channel's bound behind is dropped (its receiver
     /// disconnects).
     fn subscribe(&self, owner: &str) -> flume::Receiver<std::sync::Arc<Event>>;
+
+    /// Counters for `/metrics`.
+    fn stats(&self) -> &HubStats;
+
+    /// Commands not yet answered, over all devices (a gauge).
+    fn pending_depth(&self) -> usize;
 }

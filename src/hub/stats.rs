@@ -1,0 +1,55 @@
+//! Counters of the hub for `/metrics` (issue 4: sign-ins, notifications,
+//! commands by status, pending depth, queue-full drops). Plain atomics,
+//! bumped by the hub implementation, read by the API.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::twin::Status;
+
+/// Every [`Status`], in the order [`HubStats::answered`] counts them.
+pub const STATUSES: [Status; 12] = [
+    Status::Ok,
+    Status::Created,
+    Status::NotModified,
+    Status::Accepted,
+    Status::BadRequest,
+    Status::Unauthorized,
+    Status::Forbidden,
+    Status::NotFound,
+    Status::MethodNotAllowed,
+    Status::NotImplemented,
+    Status::Unavailable,
+    Status::Error,
+];
+
+fn status_index(status: Status) -> usize {
+    STATUSES.iter().position(|s| *s == status).unwrap_or(11)
+}
+
+#[derive(Debug, Default)]
+pub struct HubStats {
+    /// Devices that went ONLINE (spec §8.1).
+    pub sign_ins: AtomicU64,
+    /// Resource changes the sessions reported (spec §6.7).
+    pub notifications: AtomicU64,
+    /// Of those, the ones that changed the twin.
+    pub twin_updates: AtomicU64,
+    pub commands_submitted: AtomicU64,
+    /// Answered commands by [`STATUSES`] index.
+    pub answered: [AtomicU64; 12],
+    pub commands_expired: AtomicU64,
+    pub commands_canceled: AtomicU64,
+    /// Commands whose connection's queue was full (or gone) when the hub
+    /// handed them over: they stayed pending.
+    pub queue_full: AtomicU64,
+}
+
+impl HubStats {
+    pub fn count_answer(&self, status: Status) {
+        self.answered[status_index(status)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn answered(&self, status: Status) -> u64 {
+        self.answered[status_index(status)].load(Ordering::Relaxed)
+    }
+}
