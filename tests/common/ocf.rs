@@ -8,6 +8,7 @@
 //! What it does not do: decide what the gateway should answer. The tests
 //! say that, next to the spec section they check.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -120,6 +121,21 @@ fn encode_value(e: &mut minicbor::Encoder<Vec<u8>>, value: &Value) {
             }
         }
     }
+}
+
+/// A batch notification body (spec §6.5 step 4) whose `rep`s are given as
+/// raw CBOR, e.g. IoTivity-Lite's 2-byte empty map `bf ff` (step 6).
+pub fn raw_batch(elements: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut e = minicbor::Encoder::new(Vec::new());
+    ok(e.array(elements.len() as u64));
+    for (href, rep) in elements {
+        ok(e.map(2));
+        ok(e.str("href"));
+        ok(e.str(&format!("ocf://{DEVICE_ID}{href}")));
+        ok(e.str("rep"));
+        e.writer_mut().extend_from_slice(rep);
+    }
+    e.into_writer()
 }
 
 /// CBOR as a JSON value (byte strings become `{"$bytes": "<hex>"}`, tags
@@ -424,8 +440,27 @@ pub struct OcfDevice {
     /// The device's resource links (what `GET /oic/res?if=oic.if.ll`
     /// answers, filtered by `rt=`).
     pub links: Vec<Value>,
+    /// The device's resources and their representations (beyond `/oic/d`),
+    /// by href; each also has a link in [`links`](Self::links).
+    pub resources: BTreeMap<String, Value>,
+    /// The gateway's observations of this device: href (`/oic/res` for the
+    /// batch observation) → token.
+    pub observers: BTreeMap<String, Vec<u8>>,
+    /// Decides the answer to a gateway request before the default device
+    /// behaviour does.
+    pub hook: Option<Box<dyn FnMut(&Msg) -> Hook>>,
     next_token: u32,
     observe_seq: u32,
+}
+
+/// What [`OcfDevice::hook`] makes of a gateway request.
+pub enum Hook {
+    /// The device's default behaviour.
+    Default,
+    /// This answer instead (Content-Format 10000 when there is a body).
+    Reply { code: Code, body: Option<Vec<u8>> },
+    /// No answer at all (the request is still recorded).
+    Silent,
 }
 
 /// `/oic/d` and a batch-observable `/oic/res`, as IoTivity-Lite lists them.
@@ -463,6 +498,9 @@ impl OcfDevice {
             requests: Vec::new(),
             unexpected: Vec::new(),
             links: default_links(),
+            resources: BTreeMap::new(),
+            observers: BTreeMap::new(),
+            hook: None,
             next_token: 0,
             observe_seq: 2,
         };
@@ -540,20 +578,34 @@ impl OcfDevice {
         }
     }
 
-    /// The device side of spec §6.3 / §8.1: `/oic/res` link lists (`rt=`
-    /// filtered), a batch representation for `if=oic.if.b`, `/oic/d`'s
-    /// properties, 4.04 for anything else.
+    /// The device side of spec §6 / §7 / §8.1: `/oic/res` link lists
+    /// (`rt=` filtered), the batch representation for `if=oic.if.b`,
+    /// `/oic/d` and [`resources`](Self::resources) (GET, observe, POST
+    /// merging a map into the representation and notifying observers, POST
+    /// `if=oic.if.create`, DELETE), 4.04 for anything else.
     fn answer(&mut self, req: &Msg) {
+        if let Some(hook) = self.hook.as_mut() {
+            match hook(req) {
+                Hook::Default => {}
+                Hook::Silent => return,
+                Hook::Reply { code, body } => {
+                    self.reply(req, code, None, body.as_deref());
+                    return;
+                }
+            }
+        }
         let path = uri_path(req);
         let queries = uri_queries(req);
         let observe = option_uint(req, option::OBSERVE);
+        let batch = queries.iter().any(|q| q == "if=oic.if.b");
+        let mut changed = None;
         let (code, body) = match (req.code, path.as_str()) {
-            (Code::GET, "/oic/res") if queries.iter().any(|q| q == "if=oic.if.b") => {
-                let batch = json!([{
-                    "href": format!("ocf://{DEVICE_ID}/oic/d"),
-                    "rep": {"di": DEVICE_ID, "n": "test device"},
-                }]);
-                (Code::CONTENT, Some(batch))
+            (Code::GET, "/oic/res") if batch => {
+                let key = "/oic/res".to_owned();
+                let seq = self.observe_registration(&key, req, observe);
+                let all = self.batch_elements(None);
+                self.reply(req, Code::CONTENT, seq, Some(&cbor(&all)));
+                return;
             }
             (Code::GET, "/oic/res") => {
                 let wanted: Vec<&str> = queries
@@ -574,27 +626,185 @@ impl OcfDevice {
                     .collect();
                 (Code::CONTENT, Some(Value::Array(links)))
             }
-            (Code::GET, "/oic/d") => (
-                Code::CONTENT,
-                Some(json!({"di": DEVICE_ID, "n": "test device"})),
-            ),
+            (Code::GET, "/oic/d") => {
+                let seq = self.observe_registration("/oic/d", req, observe);
+                let d = json!({"di": DEVICE_ID, "n": "test device"});
+                self.reply(req, Code::CONTENT, seq, Some(&cbor(&d)));
+                return;
+            }
+            (Code::GET, href) if self.resources.contains_key(href) => {
+                let href = href.to_owned();
+                let seq = self.observe_registration(&href, req, observe);
+                let value = self.resources[&href].clone();
+                self.reply(req, Code::CONTENT, seq, Some(&cbor(&value)));
+                return;
+            }
+            (Code::POST, href) if queries.iter().any(|q| q == "if=oic.if.create") => {
+                let created = from_cbor(&req.payload);
+                self.add_resource(&format!("{}/new", href.trim_end_matches('/')), "x.new", created.clone(), true);
+                (Code::CREATED, Some(created))
+            }
+            (Code::POST, href) if self.resources.contains_key(href) => {
+                let update = from_cbor(&req.payload);
+                let value = self.resources.get_mut(href).expect("checked above");
+                if let (Some(v), Some(u)) = (value.as_object_mut(), update.as_object()) {
+                    for (k, x) in u {
+                        v.insert(k.clone(), x.clone());
+                    }
+                }
+                changed = Some(href.to_owned());
+                (Code::CHANGED, Some(value.clone()))
+            }
+            (Code::DELETE, href) if self.resources.contains_key(href) => {
+                self.resources.remove(href);
+                (Code::DELETED, None)
+            }
             _ => (Code::NOT_FOUND, None),
         };
+        let body = body.map(|b| cbor(&b));
+        self.reply(req, code, None, body.as_deref());
+        if let Some(href) = changed {
+            self.notify(&href);
+        }
+    }
+
+    /// Observe=0 registers `key`'s observation (answered with an Observe
+    /// sequence when `key` is observable), Observe=1 cancels it.
+    fn observe_registration(&mut self, key: &str, req: &Msg, observe: Option<u32>) -> Option<u32> {
+        match observe {
+            Some(0) if self.observable(key) => {
+                self.observers.insert(key.to_owned(), req.token.clone());
+                self.observe_seq += 1;
+                Some(self.observe_seq)
+            }
+            Some(1) => {
+                self.observers.remove(key);
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Is `href` observable by its link's `p.bm` (and, for `/oic/res`,
+    /// batch observable: `if` lists `oic.if.b`)?
+    pub fn observable(&self, href: &str) -> bool {
+        self.links.iter().any(|l| {
+            l["href"] == href
+                && l["p"]["bm"].as_u64().is_some_and(|bm| bm & 2 != 0)
+                && (href != "/oic/res"
+                    || l["if"]
+                        .as_array()
+                        .is_some_and(|ifs| ifs.iter().any(|i| i == "oic.if.b")))
+        })
+    }
+
+    /// The batch representation (spec §6.5 step 4): `/oic/d` and every
+    /// resource, or only `only`.
+    fn batch_elements(&self, only: Option<&str>) -> Value {
+        let mut elements = Vec::new();
+        if only.is_none() {
+            elements.push(json!({
+                "href": format!("ocf://{DEVICE_ID}/oic/d"),
+                "rep": {"di": DEVICE_ID, "n": "test device"},
+            }));
+        }
+        for (href, rep) in &self.resources {
+            if only.is_none_or(|o| o == href) {
+                elements.push(json!({"href": format!("ocf://{DEVICE_ID}{href}"), "rep": rep}));
+            }
+        }
+        Value::Array(elements)
+    }
+
+    fn reply(&mut self, req: &Msg, code: Code, observe: Option<u32>, body: Option<&[u8]>) {
         let mut out = Vec::new();
         {
             let mut w = MessageWriter::new(&mut out, code, &req.token);
-            if observe == Some(0) && code == Code::CONTENT {
-                w.option_uint(option::OBSERVE, self.observe_seq);
-                self.observe_seq += 1;
+            if let Some(seq) = observe {
+                w.option_uint(option::OBSERVE, seq);
             }
-            if let Some(body) = &body {
+            if let Some(body) = body {
                 w.option_uint(option::CONTENT_FORMAT, OCF_CBOR);
-                w.payload(&cbor(body));
+                w.payload(body);
             }
             w.finish();
         }
         // A failed send shows up as the next read's error.
         let _ = self.dev.send(&out);
+    }
+
+    /// Adds a resource with its link (`p.bm` 3 when observable, else 1).
+    pub fn add_resource(&mut self, href: &str, rt: &str, value: Value, observable: bool) {
+        self.links.push(json!({
+            "href": href,
+            "rt": [rt],
+            "if": ["oic.if.rw", "oic.if.baseline"],
+            "p": {"bm": if observable { 3 } else { 1 }},
+            "anchor": format!("ocf://{DEVICE_ID}"),
+            "eps": [{"ep": LOCAL_ENDPOINT}],
+        }));
+        self.resources.insert(href.to_owned(), value);
+    }
+
+    /// Makes `/oic/res` batch observable or not (IoTivity-Lite's
+    /// `OC_DISCOVERY_RESOURCE_OBSERVABLE`, spec §6.6).
+    pub fn set_batch_observable(&mut self, yes: bool) {
+        for l in &mut self.links {
+            if l["href"] == "/oic/res" {
+                l["p"]["bm"] = json!(if yes { 3 } else { 1 });
+                l["if"] = if yes {
+                    json!(["oic.if.ll", "oic.if.b", "oic.if.baseline"])
+                } else {
+                    json!(["oic.if.ll", "oic.if.baseline"])
+                };
+            }
+        }
+    }
+
+    /// The links to publish (spec §5.7) for the resources: a publish body.
+    pub fn publish_body(&self, hrefs: &[&str]) -> Value {
+        let links: Vec<Value> = self
+            .links
+            .iter()
+            .filter(|l| hrefs.iter().any(|h| l["href"] == *h))
+            .cloned()
+            .collect();
+        json!({"di": DEVICE_ID, "links": links, "ttl": 0})
+    }
+
+    /// Changes a resource and notifies its observers (per-resource and
+    /// batch).
+    pub fn set_value(&mut self, href: &str, value: Value) {
+        self.resources.insert(href.to_owned(), value);
+        self.notify(href);
+    }
+
+    /// Sends `href`'s current representation to its observers.
+    pub fn notify(&mut self, href: &str) {
+        if let Some(token) = self.observers.get(href).cloned() {
+            let value = self.resources.get(href).cloned().unwrap_or(Value::Null);
+            self.send_notification(&token, Code::CONTENT, Some(&cbor(&value)));
+        }
+        if let Some(token) = self.observers.get("/oic/res").cloned() {
+            let batch = self.batch_elements(Some(href));
+            self.send_notification(&token, Code::CONTENT, Some(&cbor(&batch)));
+        }
+    }
+
+    /// A notification on `token` with the next Observe sequence.
+    pub fn send_notification(&mut self, token: &[u8], code: Code, body: Option<&[u8]>) {
+        self.observe_seq += 1;
+        let mut out = Vec::new();
+        {
+            let mut w = MessageWriter::new(&mut out, code, token);
+            w.option_uint(option::OBSERVE, self.observe_seq);
+            if let Some(body) = body {
+                w.option_uint(option::CONTENT_FORMAT, OCF_CBOR);
+                w.payload(body);
+            }
+            w.finish();
+        }
+        self.dev.send(&out).expect("send a notification");
     }
 
     /// Serves the gateway until it has been silent for `quiet`: lets the
