@@ -448,10 +448,13 @@ pub struct OcfDevice {
     pub observers: BTreeMap<String, Vec<u8>>,
     /// Decides the answer to a gateway request before the default device
     /// behaviour does.
-    pub hook: Option<Box<dyn FnMut(&Msg) -> Hook>>,
+    pub hook: Option<DeviceHook>,
     next_token: u32,
     observe_seq: u32,
 }
+
+/// Decides the answer to a gateway request ([`OcfDevice::hook`]).
+pub type DeviceHook = Box<dyn FnMut(&Msg) -> Hook>;
 
 /// What [`OcfDevice::hook`] makes of a gateway request.
 pub enum Hook {
