@@ -16,8 +16,9 @@
 //! the request, e.g. `oic.if.baseline`; update and retrieve only) and
 //! `correlationId` (default a random UUID v4).
 //!
-//! Request body of update and create: JSON (no `Content-Type` or
-//! `application/json`), sent to the device as `application/vnd.ocf+cbor`
+//! Request body of update and create: JSON (no `Content-Type`,
+//! `application/json`, or `application/x-www-form-urlencoded`, which is
+//! what `curl -d` sends), sent to the device as `application/vnd.ocf+cbor`
 //! (10000); or raw CBOR with `Content-Type: application/cbor` (sent as 60)
 //! or `application/vnd.ocf+cbor` (sent as 10000), which must be one
 //! well-formed CBOR item.
@@ -161,6 +162,9 @@ fn request_content(headers: &HeaderMap, body: &Bytes) -> Result<Content, Failure
     };
     let format = match media {
         None => 50,
+        // `curl -d` labels every body so; these routes take no forms, so
+        // the body is read as the JSON it almost always is.
+        Some(m) if is_form(m) => 50,
         Some(m) => match content_format_of(m) {
             Some(f @ (50 | 60 | OCF_CBOR)) => f,
             _ => {
@@ -201,6 +205,13 @@ fn request_content(headers: &HeaderMap, body: &Bytes) -> Result<Content, Failure
     Ok(Content {
         data: body.to_vec(),
         content_format: format,
+    })
+}
+
+fn is_form(media: &str) -> bool {
+    media.split(';').next().is_some_and(|m| {
+        m.trim()
+            .eq_ignore_ascii_case("application/x-www-form-urlencoded")
     })
 }
 

@@ -1269,6 +1269,26 @@ fn a_command_for_an_online_device_answers_with_the_devices_answer() {
         }
     );
 
+    // What `curl -d '{"state":false}'` sends: read as JSON.
+    let curl = f.api.send(
+        "PUT",
+        &path,
+        Some(&alice),
+        "application/x-www-form-urlencoded",
+        br#"{"state":false}"#,
+    );
+    assert_eq!(curl.status, 200, "{:?}", curl.body);
+    let sent = device.taken();
+    let [HubMessage::Command(command)] = sent.as_slice() else {
+        panic!("{sent:?}");
+    };
+    assert_eq!(
+        command.kind,
+        CommandKind::Update {
+            content: cbor(json!({"state": false}))
+        }
+    );
+
     // Raw CBOR in: sent as it came, with its content format.
     let raw = super::content::json_to_cbor(&json!({"power": 1}));
     let put = f
