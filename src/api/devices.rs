@@ -4,17 +4,18 @@
 //! bearer's owner: another owner's device is answered as if it did not
 //! exist (404), so device IDs of other owners cannot be probed.
 //!
-//! What it does not do yet: twin synchronization state, resources,
-//! commands (they arrive with the twin).
+//! The twin, commands and events are in `resources.rs`, `commands.rs`
+//! and `events.rs`; the twin settings (`PUT .../metadata`) are here.
 
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::bearer::Caller;
 use super::{now_unix, ApiState, Failure};
@@ -37,7 +38,13 @@ use crate::ocf::rd::Link;
 ///       "serviceId": "0f9c...",
 ///       "id": "192.0.2.1:40000",
 ///       "localEndpoints": ["coaps+tcp://192.0.2.1:5684"]
-///     }
+///     },
+///     "twinSynchronization": {
+///       "state": "IN_SYNC",
+///       "syncingAt": 1800000000100000000,
+///       "inSyncAt": 1800000000200000000
+///     },
+///     "twinEnabled": true
 ///   }
 /// }
 /// ```
@@ -47,7 +54,8 @@ use crate::ocf::rd::Link;
 /// the device first went online. `connectedAt` is the last sign-in in Unix
 /// nanoseconds as a JSON number (kept while offline); plgd's protojson
 /// writes that int64 as a string, which JavaScript clients may prefer, but
-/// an exact number suits every other client.
+/// an exact number suits every other client. `twinSynchronization` and
+/// `twinEnabled` are always there (spec §6.9).
 #[derive(Debug, Serialize)]
 pub(super) struct DeviceJson<'a> {
     id: &'a str,
@@ -56,8 +64,24 @@ pub(super) struct DeviceJson<'a> {
 }
 
 #[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 struct Metadata<'a> {
     connection: Connection<'a>,
+    twin_synchronization: TwinSynchronization,
+    twin_enabled: bool,
+}
+
+/// spec §6.9, plgd's `TwinSynchronization`: `state` is `OUT_OF_SYNC`,
+/// `SYNCING`, `IN_SYNC` or `DISABLED`; the times (Unix ns) are left out
+/// until the state was first reached.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TwinSynchronization {
+    state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    syncing_at: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    in_sync_at: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -93,6 +117,12 @@ impl<'a> DeviceJson<'a> {
                     id: known(&status.connection_id),
                     local_endpoints: &status.local_endpoints,
                 },
+                twin_synchronization: TwinSynchronization {
+                    state: record.twin.state.as_str(),
+                    syncing_at: Some(record.twin.syncing_at_ns).filter(|t| *t != 0),
+                    in_sync_at: Some(record.twin.in_sync_at_ns).filter(|t| *t != 0),
+                },
+                twin_enabled: record.twin.enabled,
             },
         }
     }
@@ -100,7 +130,7 @@ impl<'a> DeviceJson<'a> {
 
 /// The one place a [`HubError`] becomes an HTTP status (the gRPC codes of
 /// spec §5.12 as plgd's HTTP gateway maps them).
-fn hub_error(e: HubError) -> Failure {
+pub(super) fn hub_error(e: HubError) -> Failure {
     let status = match &e {
         HubError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
         HubError::PermissionDenied(_) => StatusCode::FORBIDDEN,
@@ -110,7 +140,7 @@ fn hub_error(e: HubError) -> Failure {
     Failure::new(status, e.to_string())
 }
 
-fn hub(state: &ApiState) -> Result<&Arc<dyn Hub>, Failure> {
+pub(super) fn hub(state: &ApiState) -> Result<&Arc<dyn Hub>, Failure> {
     state.hub.as_ref().ok_or_else(|| {
         Failure::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -121,14 +151,14 @@ fn hub(state: &ApiState) -> Result<&Arc<dyn Hub>, Failure> {
 
 /// `{id}` of the path; a rejection (not UTF-8 after percent-decoding) is a
 /// JSON 400 like every other error.
-fn device_id(path: Result<Path<String>, PathRejection>) -> Result<String, Failure> {
+pub(super) fn device_id(path: Result<Path<String>, PathRejection>) -> Result<String, Failure> {
     match path {
         Ok(Path(id)) => Ok(id),
         Err(e) => Err(Failure::new(StatusCode::BAD_REQUEST, e.body_text())),
     }
 }
 
-fn not_found(id: &str) -> Failure {
+pub(super) fn not_found(id: &str) -> Failure {
     Failure::new(StatusCode::NOT_FOUND, format!("device {id} not found"))
 }
 
@@ -199,6 +229,55 @@ pub(super) async fn resource_links(
     Ok(Json(links).into_response())
 }
 
+/// The body of `PUT /api/v1/devices/{id}/metadata` (plgd's
+/// `UpdateDeviceMetadataRequest` fields).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct MetadataUpdate {
+    twin_enabled: Option<bool>,
+    #[serde(default)]
+    twin_force_synchronization: bool,
+}
+
+/// `PUT /api/v1/devices/{id}/metadata`: `{"twinEnabled": bool}` turns the
+/// device's twin on or off, `{"twinForceSynchronization": true}` makes an
+/// online device resynchronise from scratch (spec §7.5); either or both.
+/// Answers the device's [`DeviceJson`] after the change.
+pub(super) async fn metadata(
+    State(state): State<ApiState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    body: Bytes,
+) -> Result<Response, Failure> {
+    let id = device_id(path)?;
+    let update: MetadataUpdate = serde_json::from_slice(&body).map_err(|e| {
+        Failure::new(
+            StatusCode::BAD_REQUEST,
+            format!("expected {{\"twinEnabled\": bool, \"twinForceSynchronization\": bool}}: {e}"),
+        )
+    })?;
+    if update.twin_enabled.is_none() && !update.twin_force_synchronization {
+        return Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            "nothing to change: give twinEnabled or twinForceSynchronization: true",
+        ));
+    }
+    let hub = hub(&state)?.clone();
+    let record = hub
+        .device(caller.owner(), &id)
+        .ok_or_else(|| not_found(&id))?;
+    let enabled = update.twin_enabled.unwrap_or(record.twin.enabled);
+    let force = update.twin_force_synchronization;
+    let owner = caller.owner().to_owned();
+    let record = super::commands::blocking(move || {
+        hub.set_twin_enabled(&owner, &id, enabled, force)?;
+        hub.device(&owner, &id)
+            .ok_or_else(|| HubError::NotFound(format!("device {id} not found")))
+    })
+    .await?;
+    Ok(Json(DeviceJson::new(&record)).into_response())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,7 +295,11 @@ mod tests {
             serde_json::to_value(DeviceJson::new(&record)).unwrap(),
             serde_json::json!({
                 "id": "d", "owner": "alice",
-                "metadata": {"connection": {"status": "OFFLINE", "localEndpoints": []}}
+                "metadata": {
+                    "connection": {"status": "OFFLINE", "localEndpoints": []},
+                    "twinSynchronization": {"state": "OUT_OF_SYNC"},
+                    "twinEnabled": false
+                }
             })
         );
         let record = DeviceRecord {
@@ -228,20 +311,30 @@ mod tests {
                 connection_id: "127.0.0.1:1".into(),
                 local_endpoints: vec!["coaps+tcp://127.0.0.1:5684".into()],
             },
+            twin: crate::hub::TwinSync {
+                state: crate::hub::TwinState::InSync,
+                enabled: true,
+                syncing_at_ns: 5,
+                in_sync_at_ns: 6,
+            },
             ..record
         };
         assert_eq!(
             serde_json::to_value(DeviceJson::new(&record)).unwrap(),
             serde_json::json!({
                 "id": "d", "owner": "alice",
-                "metadata": {"connection": {
-                    "status": "ONLINE",
-                    "connectedAt": 1_800_000_000_000_000_001u64,
-                    "protocol": "COAPS_TCP",
-                    "serviceId": "svc",
-                    "id": "127.0.0.1:1",
-                    "localEndpoints": ["coaps+tcp://127.0.0.1:5684"]
-                }}
+                "metadata": {
+                    "connection": {
+                        "status": "ONLINE",
+                        "connectedAt": 1_800_000_000_000_000_001u64,
+                        "protocol": "COAPS_TCP",
+                        "serviceId": "svc",
+                        "id": "127.0.0.1:1",
+                        "localEndpoints": ["coaps+tcp://127.0.0.1:5684"]
+                    },
+                    "twinSynchronization": {"state": "IN_SYNC", "syncingAt": 5, "inSyncAt": 6},
+                    "twinEnabled": true
+                }
             })
         );
     }

@@ -1,5 +1,6 @@
-//! Prometheus metrics read at scrape time from the shards' atomic counters
-//! (no per-event cost on the data path beyond the counters themselves).
+//! Prometheus metrics read at scrape time from the shards' and the hub's
+//! atomic counters (no per-event cost on the data path beyond the counters
+//! themselves).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -10,6 +11,9 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use shards::ShardStats;
+
+use crate::hub::stats::STATUSES;
+use crate::hub::{Hub, HubStats};
 
 /// Per-shard connection counters, labelled `shard="<index>"`.
 #[derive(Debug)]
@@ -85,6 +89,92 @@ impl Collector for ShardMetrics {
                 ConstCounter::new(read(s)).encode(family.encode_family(&labels)?)?;
             }
         }
+        Ok(())
+    }
+}
+
+/// The hub's counters (issue 4: sign-ins, notifications, twin updates,
+/// commands by outcome, queue-full, pending depth), read at scrape time
+/// from [`Hub::stats`] and [`Hub::pending_depth`].
+#[derive(Debug)]
+pub struct HubMetrics {
+    hub: Arc<dyn Hub>,
+}
+
+impl HubMetrics {
+    pub fn new(hub: Arc<dyn Hub>) -> Self {
+        HubMetrics { hub }
+    }
+}
+
+type ReadHub = fn(&HubStats) -> u64;
+
+/// (name, help, read); the `_total` suffix is added by the encoder.
+const HUB_COUNTERS: [(&str, &str, ReadHub); 7] = [
+    (
+        "hub_sign_ins",
+        "devices that went ONLINE (spec §8.1)",
+        |s| s.sign_ins.load(Ordering::Relaxed),
+    ),
+    (
+        "hub_notifications",
+        "resource changes the sessions reported (spec §6.7)",
+        |s| s.notifications.load(Ordering::Relaxed),
+    ),
+    (
+        "hub_twin_updates",
+        "resource changes that changed the twin",
+        |s| s.twin_updates.load(Ordering::Relaxed),
+    ),
+    (
+        "hub_commands_submitted",
+        "commands accepted by the hub",
+        |s| s.commands_submitted.load(Ordering::Relaxed),
+    ),
+    (
+        "hub_commands_expired",
+        "pending commands that expired before they were sent (spec §7.4)",
+        |s| s.commands_expired.load(Ordering::Relaxed),
+    ),
+    (
+        "hub_commands_canceled",
+        "pending commands canceled through the API",
+        |s| s.commands_canceled.load(Ordering::Relaxed),
+    ),
+    (
+        "hub_commands_queue_full",
+        "commands a device connection could not take when handed over (they stayed pending)",
+        |s| s.queue_full.load(Ordering::Relaxed),
+    ),
+];
+
+impl Collector for HubMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = self.hub.stats();
+        for (name, help, read) in HUB_COUNTERS {
+            let family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(read(stats)).encode(family)?;
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "hub_commands_answered",
+                "commands answered, by the hub status of the answer (spec §5.12)",
+                None,
+                MetricType::Counter,
+            )?;
+            for status in STATUSES {
+                let labels = [("status", status.as_str())];
+                ConstCounter::new(stats.answered(status)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let depth = i64::try_from(self.hub.pending_depth()).unwrap_or(i64::MAX);
+        let family = encoder.encode_descriptor(
+            "hub_commands_pending",
+            "commands not yet answered, over all devices",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(depth).encode(family)?;
         Ok(())
     }
 }

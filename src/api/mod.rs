@@ -17,32 +17,46 @@
 //! | `GET /api/v1/devices/{id}` | bearer, hub | one device |
 //! | `DELETE /api/v1/devices/{id}` | bearer, hub | removes it, disconnecting it: `{"deviceIds": [id]}` |
 //! | `GET /api/v1/devices/{id}/resource-links` | bearer, hub | its published links, OCF link JSON |
+//! | `PUT /api/v1/devices/{id}/metadata` | bearer, hub | `{"twinEnabled": bool, "twinForceSynchronization": true}` (either or both): the twin setting (spec §7.5); answers the device |
+//! | `GET /api/v1/devices/{id}/resources` | bearer, hub | the twin: every resource with a value (`resources.rs`) |
+//! | `GET /api/v1/devices/{id}/resources/{*href}` | bearer, hub | one resource of the twin as JSON; `?twin=false` reads from the device |
+//! | `PUT /api/v1/devices/{id}/resources/{*href}` | bearer, hub | update on the device, waits for its answer (`commands.rs`) |
+//! | `POST /api/v1/devices/{id}/resource-links/{*href}` | bearer, hub | create on the device |
+//! | `DELETE /api/v1/devices/{id}/resource-links/{*href}` | bearer, hub | delete on the device |
+//! | `GET /api/v1/devices/{id}/pending-commands` | bearer, hub | commands not yet answered |
+//! | `DELETE /api/v1/devices/{id}/pending-commands/{correlationId}` | bearer, hub | cancel one not yet sent |
+//! | `GET /api/v1/events` | bearer, hub | server-sent events of the caller's devices (`events.rs`) |
 //! | `POST /api/v1/authorization-codes` | bearer, authority | `{"code", "expiresIn"}` for the caller, body `{"deviceId"}` optional |
 //!
 //! "bearer" routes take `Authorization: Bearer <access token>` (401 without
 //! a valid one, `bearer.rs`) and are scoped to its owner: another owner's
 //! device is 404. A route whose part was not given to [`ApiState`] answers
 //! 503 saying which; the authority's routes answer 404 when the embedded
-//! authority is not enabled.
-//!
-//! The twin, command and event routes arrive with the twin.
+//! authority is not enabled. `{*href}` is the resource's href on the
+//! device with or without its leading `/` (`/resources/light` and
+//! `/resources//light` both name `/light`); an empty one is 400.
 
 mod bearer;
 mod codes;
+mod commands;
+mod content;
 mod devices;
+mod events;
 mod metrics;
 mod oauth;
+mod resources;
 #[cfg(test)]
 mod tests;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use shards::ShardStats;
 
@@ -51,12 +65,13 @@ use crate::auth::provider::EmbeddedProvider;
 use crate::auth::validator::SharedValidator;
 use crate::hub::Hub;
 
-pub use metrics::ShardMetrics;
+pub use metrics::{HubMetrics, ShardMetrics};
 
 /// What the API reads.
 #[derive(Clone)]
 pub struct ApiState {
-    metrics: Arc<prometheus_client::registry::Registry>,
+    /// The shards' counters, for `/metrics`.
+    shard_stats: Vec<Arc<ShardStats>>,
     /// Set once the listeners are up.
     ready: Arc<AtomicBool>,
     /// The runtime's shutdown flag: a draining gateway is not ready.
@@ -69,21 +84,49 @@ pub struct ApiState {
     provider: Option<Arc<EmbeddedProvider>>,
     /// Checks bearer tokens.
     validator: Option<Arc<bearer::ApiValidator>>,
+    /// How long a command waits for the device when the request names no
+    /// `timeToLive` (spec §7.4).
+    command_ttl: Duration,
+    /// Set when the server stops: requests that wait (commands, event
+    /// streams) end, so that the graceful shutdown does not wait for them.
+    stopping: Arc<tokio::sync::watch::Sender<bool>>,
 }
+
+/// The default time to live of a command (`with_command_ttl`).
+pub const DEFAULT_COMMAND_TTL: Duration = Duration::from_secs(10 * 60);
 
 impl ApiState {
     pub fn new(stats: Vec<Arc<ShardStats>>, draining: Arc<AtomicBool>) -> ApiState {
-        let mut registry = prometheus_client::registry::Registry::with_prefix("coapgw");
-        registry.register_collector(Box::new(ShardMetrics::new(stats)));
         ApiState {
-            metrics: Arc::new(registry),
+            shard_stats: stats,
             ready: Arc::new(AtomicBool::new(false)),
             draining,
             authority: None,
             hub: None,
             provider: None,
             validator: None,
+            command_ttl: DEFAULT_COMMAND_TTL,
+            stopping: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
+    }
+
+    /// How long a command may wait to be sent and for the device's answer
+    /// when the request names no `timeToLive` (default 10 minutes).
+    pub fn with_command_ttl(mut self, ttl: Duration) -> ApiState {
+        self.command_ttl = ttl;
+        self
+    }
+
+    /// The metrics registry as of now: the shards' counters and, with a
+    /// hub, the hub's. Built per scrape (a few allocations) so that the
+    /// builders need not thread a registry through.
+    fn registry(&self) -> prometheus_client::registry::Registry {
+        let mut registry = prometheus_client::registry::Registry::with_prefix("coapgw");
+        registry.register_collector(Box::new(ShardMetrics::new(self.shard_stats.clone())));
+        if let Some(hub) = &self.hub {
+            registry.register_collector(Box::new(HubMetrics::new(hub.clone())));
+        }
+        registry
     }
 
     /// Publish the embedded authority's OpenID discovery document and key
@@ -211,6 +254,7 @@ fn serve(
             return;
         }
     };
+    let stopping = state.stopping.clone();
     runtime.block_on(async move {
         let listener = match tokio::net::TcpListener::from_std(listener) {
             Ok(l) => l,
@@ -219,8 +263,11 @@ fn serve(
                 return;
             }
         };
-        let shutdown = async {
+        let shutdown = async move {
             let _ = stopped.await;
+            // Waiting commands and event streams end now; the graceful
+            // shutdown then waits for their answers only.
+            stopping.send_replace(true);
         };
         if let Err(e) = axum::serve(listener, router(state))
             .with_graceful_shutdown(shutdown)
@@ -252,6 +299,37 @@ pub fn router(state: ApiState) -> Router {
             "/api/v1/devices/{id}/resource-links",
             get(devices::resource_links),
         )
+        .route("/api/v1/devices/{id}/metadata", put(devices::metadata))
+        .route("/api/v1/devices/{id}/resources", get(resources::list))
+        .route(
+            "/api/v1/devices/{id}/resources/",
+            get(resources::empty_href).put(resources::empty_href),
+        )
+        .route(
+            "/api/v1/devices/{id}/resources/{*href}",
+            get(resources::get)
+                .put(commands::update)
+                .layer(DefaultBodyLimit::max(MAX_RESOURCE_BODY)),
+        )
+        .route(
+            "/api/v1/devices/{id}/resource-links/",
+            post(resources::empty_href).delete(resources::empty_href),
+        )
+        .route(
+            "/api/v1/devices/{id}/resource-links/{*href}",
+            post(commands::create)
+                .delete(commands::delete)
+                .layer(DefaultBodyLimit::max(MAX_RESOURCE_BODY)),
+        )
+        .route(
+            "/api/v1/devices/{id}/pending-commands",
+            get(commands::pending),
+        )
+        .route(
+            "/api/v1/devices/{id}/pending-commands/{correlation_id}",
+            axum::routing::delete(commands::cancel),
+        )
+        .route("/api/v1/events", get(events::stream))
         .route("/api/v1/authorization-codes", post(codes::issue))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -263,6 +341,10 @@ pub fn router(state: ApiState) -> Router {
 /// The largest request body the API reads (axum's default is 2 MiB).
 const MAX_BODY: usize = 64 * 1024;
 
+/// The largest resource representation a request may carry: the default
+/// CoAP `max_message_size` (SURFACE.md `[coap]`).
+const MAX_RESOURCE_BODY: usize = 256 * 1024;
+
 /// The wall clock in Unix seconds, for the sans-IO token and hub code.
 #[allow(clippy::disallowed_methods)] // The API is the IO side (clippy.toml): it reads the clock.
 fn now_unix() -> u64 {
@@ -270,6 +352,14 @@ fn now_unix() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// The wall clock in Unix nanoseconds, for command times (spec §7.4).
+#[allow(clippy::disallowed_methods)] // The API is the IO side (clippy.toml): it reads the clock.
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// An error answer of a route, for handlers that return `Result`.
@@ -321,7 +411,7 @@ async fn readyz(State(state): State<ApiState>) -> Response {
 
 async fn metrics_text(State(state): State<ApiState>) -> Response {
     let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &state.metrics) {
+    match prometheus_client::encoding::text::encode(&mut body, &state.registry()) {
         Ok(()) => (
             [(
                 axum::http::header::CONTENT_TYPE,

@@ -15,7 +15,8 @@ use crate::auth::jwt::{AuthorizationMode, TokenValidator};
 use crate::auth::provider::EmbeddedProvider;
 use crate::auth::validator::SharedValidator;
 use crate::hub::{
-    AuthContext, ConnectionRef, Connections, Hub, MemoryHub, Online, Protocol, StoredLink,
+    AuthContext, CommandKind, CommandResult, ConnectionRef, Connections, Content, Hub, HubMessage,
+    MemoryHub, Online, Protocol, ResourceChange, Status, StoredLink,
 };
 use crate::ocf::rd::Policy;
 
@@ -186,10 +187,26 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
-        let authority = authority();
         let hub = Arc::new(MemoryHub::new());
         let closed = Arc::new(Closed::default());
         hub.set_connections(closed.clone());
+        Fixture::around(hub, closed)
+    }
+
+    /// A fixture whose hub reaches device connections through `device`.
+    fn with_device(reply: Reply) -> (Fixture, Arc<DeviceDouble>) {
+        let hub = Arc::new(MemoryHub::new());
+        let device = Arc::new(DeviceDouble {
+            hub: Arc::downgrade(&hub),
+            reply: Mutex::new(reply),
+            received: Mutex::new(Vec::new()),
+        });
+        hub.set_connections(device.clone());
+        (Fixture::around(hub, Arc::new(Closed::default())), device)
+    }
+
+    fn around(hub: Arc<MemoryHub>, closed: Arc<Closed>) -> Fixture {
+        let authority = authority();
         let validator = device_validator(&authority);
         let provider = Arc::new(EmbeddedProvider::new("plgd", authority.clone()));
         let state = ApiState::new(Vec::new(), Arc::new(AtomicBool::new(false)))
@@ -340,19 +357,27 @@ fn devices_are_listed_and_read_per_owner() {
             {
                 "id": D1,
                 "owner": "alice",
-                "metadata": {"connection": {
-                    "status": "ONLINE",
-                    "connectedAt": 1_800_000_000_123_456_789u64,
-                    "protocol": "COAPS_TCP",
-                    "serviceId": "svc-1",
-                    "id": "127.0.0.1:40000",
-                    "localEndpoints": ["coaps+tcp://127.0.0.1:5684"]
-                }}
+                "metadata": {
+                    "connection": {
+                        "status": "ONLINE",
+                        "connectedAt": 1_800_000_000_123_456_789u64,
+                        "protocol": "COAPS_TCP",
+                        "serviceId": "svc-1",
+                        "id": "127.0.0.1:40000",
+                        "localEndpoints": ["coaps+tcp://127.0.0.1:5684"]
+                    },
+                    "twinSynchronization": {"state": "OUT_OF_SYNC"},
+                    "twinEnabled": true
+                }
             },
             {
                 "id": D2,
                 "owner": "alice",
-                "metadata": {"connection": {"status": "OFFLINE", "localEndpoints": []}}
+                "metadata": {
+                    "connection": {"status": "OFFLINE", "localEndpoints": []},
+                    "twinSynchronization": {"state": "OUT_OF_SYNC"},
+                    "twinEnabled": true
+                }
             }
         ])
     );
@@ -757,4 +782,830 @@ fn the_api_validator_follows_key_refreshes_and_ignores_the_device_claim() {
     assert!(!Arc::ptr_eq(&a, &api.current().unwrap()));
     assert!(api.validate(&user(&first), now).is_err());
     assert!(api.validate(&user(&second), now).is_ok());
+}
+
+// -- the twin, commands, events and hub metrics -----------------------------
+
+/// How the device double answers a command.
+#[derive(Debug, Clone)]
+enum Reply {
+    /// `command_result` with this status and content, from another thread
+    /// (as a session would, after the device's response).
+    Answer(Status, Content),
+    /// Takes the command and never answers.
+    Silent,
+}
+
+/// A device connection as the hub sees it: takes every message, records
+/// it, and answers commands as `reply` says.
+struct DeviceDouble {
+    hub: std::sync::Weak<MemoryHub>,
+    reply: Mutex<Reply>,
+    received: Mutex<Vec<HubMessage>>,
+}
+
+impl DeviceDouble {
+    fn answer(&self, reply: Reply) {
+        *self.reply.lock().unwrap() = reply;
+    }
+
+    fn taken(&self) -> Vec<HubMessage> {
+        std::mem::take(&mut *self.received.lock().unwrap())
+    }
+}
+
+impl Connections for DeviceDouble {
+    fn close(&self, _: ConnectionRef, _: &str) {}
+
+    fn deliver(&self, connection: ConnectionRef, message: HubMessage) -> Result<(), HubMessage> {
+        self.received.lock().unwrap().push(message.clone());
+        let reply = self.reply.lock().unwrap().clone();
+        if let (HubMessage::Command(command), Reply::Answer(status, content)) = (message, reply) {
+            let hub = self.hub.clone();
+            std::thread::spawn(move || {
+                if let Some(hub) = hub.upgrade() {
+                    let result = CommandResult {
+                        correlation_id: command.correlation_id.clone(),
+                        status,
+                        content,
+                        etag: Some(vec![9, 9]),
+                    };
+                    hub.command_result(&ctx("alice", &command.device_id), connection, result);
+                }
+            });
+        }
+        Ok(())
+    }
+}
+
+fn cbor(value: Value) -> Content {
+    Content {
+        data: super::content::json_to_cbor(&value),
+        content_format: 10000,
+    }
+}
+
+impl Api {
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        content_type: &str,
+        body: &[u8],
+    ) -> Answer {
+        let request = ureq::http::Request::builder()
+            .method(method)
+            .uri(self.url(path));
+        let request = match token {
+            Some(token) => request.header("Authorization", format!("Bearer {token}")),
+            None => request,
+        };
+        let request = if content_type.is_empty() {
+            request
+        } else {
+            request.header("Content-Type", content_type)
+        };
+        Api::answer(self.agent.run(request.body(body.to_vec()).unwrap()))
+    }
+
+    fn put_json(&self, path: &str, token: &str, body: &str) -> Answer {
+        self.send("PUT", path, Some(token), "", body.as_bytes())
+    }
+}
+
+/// alice's D1 reports /light/1 (CBOR), /json (JSON) and /text (text).
+fn report_twin(hub: &MemoryHub) {
+    let change = |href: &str, content: Content, sequence| ResourceChange {
+        href: href.into(),
+        content,
+        status: Status::Ok,
+        etag: Some(vec![1, 2, 3, 4]),
+        resource_types: vec!["core.light".into()],
+        sequence,
+    };
+    hub.resources_changed(
+        &ctx("alice", D1),
+        ConnectionRef(7),
+        vec![
+            change("/light/1", cbor(json!({"state": false, "power": 10})), 1),
+            change(
+                "/json",
+                Content {
+                    data: br#"{"a":[1,2]}"#.to_vec(),
+                    content_format: 50,
+                },
+                2,
+            ),
+            change(
+                "/text",
+                Content {
+                    data: b"hello".to_vec(),
+                    content_format: 0,
+                },
+                3,
+            ),
+        ],
+    )
+    .unwrap();
+    // A second report of /light/1: version 1.
+    hub.resources_changed(
+        &ctx("alice", D1),
+        ConnectionRef(7),
+        vec![change(
+            "/light/1",
+            cbor(json!({"state": true, "power": 40, "raw": null})),
+            4,
+        )],
+    )
+    .unwrap();
+}
+
+#[test]
+fn the_twin_is_read_as_json() {
+    let f = Fixture::new();
+    f.populate();
+    report_twin(&f.hub);
+    let alice = f.user_token("alice");
+    let light = f.api.get(
+        &format!("/api/v1/devices/{D1}/resources/light/1"),
+        Some(&alice),
+    );
+    assert_eq!(light.status, 200, "{:?}", light.body);
+    let updated_at = light.body["updatedAt"].as_u64().unwrap();
+    assert!(updated_at > 1_600_000_000_000_000_000, "{updated_at}");
+    assert_eq!(
+        light.body,
+        json!({
+            "deviceId": D1,
+            "href": "/light/1",
+            "resourceTypes": ["core.light"],
+            "status": "OK",
+            "content": {"state": true, "power": 40, "raw": null},
+            "contentType": "application/vnd.ocf+cbor",
+            "etag": "AQIDBA==",
+            "version": 1,
+            "updatedAt": updated_at,
+        })
+    );
+    // The href with its slash, and the device ID in capitals, name the same.
+    let same = f.api.get(
+        &format!("/api/v1/devices/{}/resources//light/1", D1.to_uppercase()),
+        Some(&alice),
+    );
+    assert_eq!(same.body, light.body);
+
+    let json = f.api.get(
+        &format!("/api/v1/devices/{D1}/resources/json"),
+        Some(&alice),
+    );
+    assert_eq!(json.body["content"], json!({"a": [1, 2]}));
+    assert_eq!(json.body["contentType"], "application/json");
+    let text = f.api.get(
+        &format!("/api/v1/devices/{D1}/resources/text"),
+        Some(&alice),
+    );
+    assert_eq!(text.body["content"], "hello");
+
+    let all = f
+        .api
+        .get(&format!("/api/v1/devices/{D1}/resources"), Some(&alice));
+    assert_eq!(all.status, 200);
+    let hrefs: Vec<&str> = all
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["href"].as_str().unwrap())
+        .collect();
+    assert_eq!(hrefs, ["/json", "/light/1", "/text"]);
+    assert_eq!(all.body[1], light.body);
+    let none = f
+        .api
+        .get(&format!("/api/v1/devices/{D2}/resources"), Some(&alice));
+    assert_eq!((none.status, none.body), (200, json!([])));
+
+    // Published without a value yet; not published; no href at all.
+    assert_json_error(
+        &f.api.get(
+            &format!("/api/v1/devices/{D1}/resources/oic/d"),
+            Some(&alice),
+        ),
+        503,
+    );
+    assert_json_error(
+        &f.api.get(
+            &format!("/api/v1/devices/{D1}/resources/nope"),
+            Some(&alice),
+        ),
+        404,
+    );
+    assert_json_error(
+        &f.api
+            .get(&format!("/api/v1/devices/{D1}/resources/"), Some(&alice)),
+        400,
+    );
+    assert_json_error(
+        &f.api.get(
+            &format!("/api/v1/devices/{D1}/resources/light/1?twin=maybe"),
+            Some(&alice),
+        ),
+        400,
+    );
+}
+
+/// Every new route, with a body where it takes one.
+fn new_routes(device: &str) -> Vec<(&'static str, String, &'static str)> {
+    vec![
+        ("GET", format!("/api/v1/devices/{device}/resources"), ""),
+        (
+            "GET",
+            format!("/api/v1/devices/{device}/resources/light/1"),
+            "",
+        ),
+        (
+            "GET",
+            format!("/api/v1/devices/{device}/resources/light/1?twin=false"),
+            "",
+        ),
+        (
+            "PUT",
+            format!("/api/v1/devices/{device}/resources/light/1"),
+            r#"{"state":true}"#,
+        ),
+        (
+            "POST",
+            format!("/api/v1/devices/{device}/resource-links/light"),
+            r#"{"x":1}"#,
+        ),
+        (
+            "DELETE",
+            format!("/api/v1/devices/{device}/resource-links/light/1"),
+            "",
+        ),
+        (
+            "GET",
+            format!("/api/v1/devices/{device}/pending-commands"),
+            "",
+        ),
+        (
+            "DELETE",
+            format!("/api/v1/devices/{device}/pending-commands/c-1"),
+            "",
+        ),
+        (
+            "PUT",
+            format!("/api/v1/devices/{device}/metadata"),
+            r#"{"twinEnabled":false}"#,
+        ),
+    ]
+}
+
+#[test]
+fn new_routes_are_401_without_a_token_and_404_for_another_owner() {
+    let f = Fixture::new();
+    f.populate();
+    report_twin(&f.hub);
+    let bob = f.user_token("bob");
+    for (method, path, body) in new_routes(D1) {
+        let missing = f.api.send(method, &path, None, "", body.as_bytes());
+        assert_json_error(&missing, 401);
+        let bad = f
+            .api
+            .send(method, &path, Some("garbage"), "", body.as_bytes());
+        assert_json_error(&bad, 401);
+        let other = f.api.send(method, &path, Some(&bob), "", body.as_bytes());
+        assert_json_error(&other, 404);
+        assert!(
+            other.body["message"]
+                .as_str()
+                .unwrap()
+                .contains("not found"),
+            "{method} {path}: {:?}",
+            other.body
+        );
+    }
+    assert_json_error(&f.api.get("/api/v1/events", None), 401);
+    assert_json_error(&f.api.get("/api/v1/events", Some("garbage")), 401);
+    // Nothing reached alice's device.
+    assert_eq!(
+        f.hub
+            .stats()
+            .commands_submitted
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert!(f.hub.device("alice", D1).unwrap().twin.enabled);
+}
+
+#[test]
+fn a_command_for_an_offline_device_waits_and_can_be_canceled() {
+    let f = Fixture::new();
+    f.populate();
+    let alice = f.user_token("alice");
+    let path = format!("/api/v1/devices/{D2}/resources/light/1");
+    let before = now_unix() * 1_000_000_000;
+    let put = f.api.put_json(
+        &format!("{path}?timeToLive=30s&correlationId=c-1&interface=oic.if.baseline"),
+        &alice,
+        r#"{"state": true}"#,
+    );
+    assert_eq!(put.status, 202, "{:?}", put.body);
+    assert_eq!(put.body["correlationId"], "c-1");
+    assert_eq!(put.body["status"], "PENDING");
+    let valid_until = put.body["validUntil"].as_u64().unwrap();
+    assert!(valid_until >= before + 30_000_000_000, "{valid_until}");
+    assert!(valid_until < before + 40_000_000_000, "{valid_until}");
+    // The same correlation ID again while the first waits: refused.
+    assert_json_error(
+        &f.api
+            .put_json(&format!("{path}?correlationId=c-1"), &alice, "{}"),
+        400,
+    );
+    // Without a correlation ID the API picks a UUID.
+    let second = f.api.send(
+        "DELETE",
+        &format!("/api/v1/devices/{D2}/resource-links/light/1"),
+        Some(&alice),
+        "",
+        b"",
+    );
+    assert_eq!(second.status, 202, "{:?}", second.body);
+    let second_id = second.body["correlationId"].as_str().unwrap().to_owned();
+    assert!(uuid::Uuid::parse_str(&second_id).is_ok(), "{second_id}");
+
+    let list = f.api.get(
+        &format!("/api/v1/devices/{D2}/pending-commands"),
+        Some(&alice),
+    );
+    assert_eq!(list.status, 200);
+    let issued_at = list.body[0]["issuedAt"].as_u64().unwrap();
+    assert!(issued_at >= before);
+    assert_eq!(
+        list.body[0],
+        json!({
+            "correlationId": "c-1",
+            "deviceId": D2,
+            "href": "/light/1",
+            "operation": "update",
+            "interface": "oic.if.baseline",
+            "content": {"state": true},
+            "contentType": "application/vnd.ocf+cbor",
+            "validUntil": valid_until,
+            "issuedAt": issued_at,
+        })
+    );
+    assert_eq!(list.body[1]["operation"], "delete");
+    assert_eq!(list.body[1]["correlationId"], second_id.as_str());
+    assert_eq!(list.body.as_array().unwrap().len(), 2);
+
+    let cancel = f.api.delete(
+        &format!("/api/v1/devices/{D2}/pending-commands/c-1"),
+        &alice,
+    );
+    assert_eq!(
+        (cancel.status, cancel.body),
+        (200, json!({"correlationId": "c-1"}))
+    );
+    let list = f.api.get(
+        &format!("/api/v1/devices/{D2}/pending-commands"),
+        Some(&alice),
+    );
+    assert_eq!(list.body.as_array().unwrap().len(), 1);
+    assert_eq!(list.body[0]["correlationId"], second_id.as_str());
+    assert_json_error(
+        &f.api.delete(
+            &format!("/api/v1/devices/{D2}/pending-commands/c-1"),
+            &alice,
+        ),
+        404,
+    );
+}
+
+#[test]
+fn bad_command_requests_are_400_or_415() {
+    let f = Fixture::new();
+    f.populate();
+    let alice = f.user_token("alice");
+    let path = format!("/api/v1/devices/{D2}/resources/light/1");
+    for (query, content_type, body, status) in [
+        ("", "", "", 400),
+        ("", "", "{not json", 400),
+        ("", "application/xml", "<a/>", 415),
+        ("", "application/cbor", "\u{a1}", 400),
+        ("?timeToLive=forever", "", "{}", 400),
+        ("?timeToLive=0s", "", "{}", 400),
+        ("?correlationId=", "", "{}", 400),
+    ] {
+        let answer = f.api.send(
+            "PUT",
+            &format!("{path}{query}"),
+            Some(&alice),
+            content_type,
+            body.as_bytes(),
+        );
+        assert_json_error(&answer, status);
+    }
+    assert_json_error(
+        &f.api.send(
+            "PUT",
+            &format!("/api/v1/devices/{D2}/resources/"),
+            Some(&alice),
+            "",
+            b"{}",
+        ),
+        400,
+    );
+    assert_json_error(
+        &f.api.send(
+            "POST",
+            &format!("/api/v1/devices/{D2}/resource-links/"),
+            Some(&alice),
+            "",
+            b"{}",
+        ),
+        400,
+    );
+    assert!(f.hub.pending_commands("alice", D2).unwrap().is_empty());
+}
+
+#[test]
+fn a_command_for_an_online_device_answers_with_the_devices_answer() {
+    let (f, device) = Fixture::with_device(Reply::Answer(
+        Status::Ok,
+        cbor(json!({"state": true, "power": 40})),
+    ));
+    f.populate();
+    let alice = f.user_token("alice");
+    let path = format!("/api/v1/devices/{D1}/resources/light/1");
+    let put = f.api.put_json(
+        &format!("{path}?interface=oic.if.baseline&correlationId=u-1"),
+        &alice,
+        r#"{"state": true}"#,
+    );
+    assert_eq!(put.status, 200, "{:?}", put.body);
+    assert_eq!(
+        put.body,
+        json!({
+            "correlationId": "u-1",
+            "deviceId": D1,
+            "href": "/light/1",
+            "status": "OK",
+            "content": {"state": true, "power": 40},
+            "contentType": "application/vnd.ocf+cbor",
+            "etag": "CQk=",
+        })
+    );
+    let sent = device.taken();
+    let [HubMessage::Command(command)] = sent.as_slice() else {
+        panic!("{sent:?}");
+    };
+    assert_eq!(command.href, "/light/1");
+    assert_eq!(command.interface.as_deref(), Some("oic.if.baseline"));
+    assert_eq!(
+        command.kind,
+        CommandKind::Update {
+            content: cbor(json!({"state": true}))
+        }
+    );
+
+    // What `curl -d '{"state":false}'` sends: read as JSON.
+    let curl = f.api.send(
+        "PUT",
+        &path,
+        Some(&alice),
+        "application/x-www-form-urlencoded",
+        br#"{"state":false}"#,
+    );
+    assert_eq!(curl.status, 200, "{:?}", curl.body);
+    let sent = device.taken();
+    let [HubMessage::Command(command)] = sent.as_slice() else {
+        panic!("{sent:?}");
+    };
+    assert_eq!(
+        command.kind,
+        CommandKind::Update {
+            content: cbor(json!({"state": false}))
+        }
+    );
+
+    // Raw CBOR in: sent as it came, with its content format.
+    let raw = super::content::json_to_cbor(&json!({"power": 1}));
+    let put = f
+        .api
+        .send("PUT", &path, Some(&alice), "application/cbor", &raw);
+    assert_eq!(put.status, 200, "{:?}", put.body);
+    let sent = device.taken();
+    let [HubMessage::Command(command)] = sent.as_slice() else {
+        panic!("{sent:?}");
+    };
+    assert_eq!(
+        command.kind,
+        CommandKind::Update {
+            content: Content {
+                data: raw,
+                content_format: 60
+            }
+        }
+    );
+
+    // A read from the device, a create and a delete.
+    let read = f.api.get(&format!("{path}?twin=false"), Some(&alice));
+    assert_eq!(read.status, 200, "{:?}", read.body);
+    assert_eq!(read.body["content"], json!({"state": true, "power": 40}));
+    let create = f.api.send(
+        "POST",
+        &format!("/api/v1/devices/{D1}/resource-links/switches"),
+        Some(&alice),
+        "",
+        br#"{"rt": ["oic.r.switch.binary"]}"#,
+    );
+    assert_eq!(create.status, 200, "{:?}", create.body);
+    let delete = f.api.send(
+        "DELETE",
+        &format!("/api/v1/devices/{D1}/resource-links/switches/1"),
+        Some(&alice),
+        "",
+        b"",
+    );
+    assert_eq!(delete.status, 200, "{:?}", delete.body);
+    let kinds: Vec<(String, &'static str)> = device
+        .taken()
+        .iter()
+        .map(|m| match m {
+            HubMessage::Command(c) => (c.href.clone(), c.kind.operation().as_str()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("/light/1".to_owned(), "retrieve"),
+            ("/switches".to_owned(), "create"),
+            ("/switches/1".to_owned(), "delete"),
+        ]
+    );
+
+    // The device says 4.04 (NOT_FOUND): the API says 404, with the answer.
+    device.answer(Reply::Answer(Status::NotFound, Content::none()));
+    let missing = f.api.put_json(&path, &alice, "{}");
+    assert_json_error(&missing, 404);
+    assert_eq!(missing.body["status"], "NOT_FOUND");
+    assert_eq!(missing.body["content"], Value::Null);
+    assert!(missing.body["correlationId"].is_string());
+    device.answer(Reply::Answer(Status::Unavailable, Content::none()));
+    assert_json_error(&f.api.put_json(&path, &alice, "{}"), 503);
+    assert!(f.hub.pending_commands("alice", D1).unwrap().is_empty());
+}
+
+#[test]
+fn a_command_the_device_does_not_answer_is_504_and_stays_in_the_hub() {
+    let (f, device) = Fixture::with_device(Reply::Silent);
+    f.populate();
+    let alice = f.user_token("alice");
+    let put = f.api.put_json(
+        &format!("/api/v1/devices/{D1}/resources/light/1?timeToLive=200ms&correlationId=s-1"),
+        &alice,
+        "{}",
+    );
+    assert_json_error(&put, 504);
+    assert_eq!(put.body["correlationId"], "s-1");
+    assert_eq!(device.taken().len(), 1);
+    let list = f.api.get(
+        &format!("/api/v1/devices/{D1}/pending-commands"),
+        Some(&alice),
+    );
+    assert_eq!(list.body[0]["correlationId"], "s-1");
+    // Sent to the device: too late to cancel.
+    assert_json_error(
+        &f.api.delete(
+            &format!("/api/v1/devices/{D1}/pending-commands/s-1"),
+            &alice,
+        ),
+        409,
+    );
+}
+
+#[test]
+fn a_device_deleted_while_its_command_waits_is_404() {
+    let (f, _device) = Fixture::with_device(Reply::Silent);
+    f.populate();
+    let alice = f.user_token("alice");
+    let hub = f.hub.clone();
+    let deleter = std::thread::spawn(move || {
+        // Bounded: at most 5 s for the command to arrive.
+        for _ in 0..500 {
+            if !hub.pending_commands("alice", D1).unwrap().is_empty() {
+                hub.delete_device("alice", D1).unwrap();
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    });
+    let put = f.api.put_json(
+        &format!("/api/v1/devices/{D1}/resources/light/1?timeToLive=5s"),
+        &alice,
+        "{}",
+    );
+    assert!(deleter.join().unwrap());
+    assert_json_error(&put, 404);
+    assert!(put.body["message"]
+        .as_str()
+        .unwrap()
+        .contains("deleted before it answered"));
+}
+
+#[test]
+fn metadata_turns_the_twin_off_and_on() {
+    let (f, device) = Fixture::with_device(Reply::Silent);
+    f.populate();
+    let alice = f.user_token("alice");
+    let path = format!("/api/v1/devices/{D1}/metadata");
+    let off = f.api.put_json(&path, &alice, r#"{"twinEnabled": false}"#);
+    assert_eq!(off.status, 200, "{:?}", off.body);
+    assert_eq!(off.body["metadata"]["twinEnabled"], false);
+    assert_eq!(
+        off.body["metadata"]["twinSynchronization"]["state"],
+        "DISABLED"
+    );
+    assert!(!f.hub.device("alice", D1).unwrap().twin.enabled);
+    let device_json = f.api.get(&format!("/api/v1/devices/{D1}"), Some(&alice));
+    assert_eq!(device_json.body, off.body);
+    // spec §7.5: the online device's session hears of it.
+    assert_eq!(
+        device.taken(),
+        [HubMessage::Twin {
+            enabled: false,
+            force: false
+        }]
+    );
+    let on = f.api.put_json(
+        &path,
+        &alice,
+        r#"{"twinEnabled": true, "twinForceSynchronization": true}"#,
+    );
+    assert_eq!(on.body["metadata"]["twinEnabled"], true);
+    assert_eq!(
+        device.taken(),
+        [HubMessage::Twin {
+            enabled: true,
+            force: true
+        }]
+    );
+    // Force alone keeps the setting.
+    let force = f
+        .api
+        .put_json(&path, &alice, r#"{"twinForceSynchronization": true}"#);
+    assert_eq!(force.body["metadata"]["twinEnabled"], true);
+    assert_eq!(
+        device.taken(),
+        [HubMessage::Twin {
+            enabled: true,
+            force: true
+        }]
+    );
+    for bad in ["", "{}", r#"{"twinEnabled": "yes"}"#, r#"{"other": 1}"#] {
+        assert_json_error(&f.api.put_json(&path, &alice, bad), 400);
+    }
+    assert!(device.taken().is_empty());
+}
+
+/// Reads one server-sent event (skipping comments) as (event, id, data).
+fn next_event(reader: &mut impl std::io::BufRead) -> (String, String, Value) {
+    let (mut event, mut id, mut data) = (String::new(), String::new(), String::new());
+    // Bounded: an event is a few lines.
+    for _ in 0..64 {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "stream ended");
+        let line = line.trim_end_matches(['\r', '\n']);
+        if line.is_empty() {
+            if !data.is_empty() {
+                return (event, id, serde_json::from_str(&data).unwrap());
+            }
+            continue;
+        }
+        if let Some(v) = line.strip_prefix("event: ") {
+            event = v.into();
+        } else if let Some(v) = line.strip_prefix("id: ") {
+            id = v.into();
+        } else if let Some(v) = line.strip_prefix("data: ") {
+            data.push_str(v);
+        }
+    }
+    panic!("no event in 64 lines");
+}
+
+#[test]
+fn events_stream_the_callers_devices() {
+    let f = Fixture::new();
+    f.populate();
+    let alice = f.user_token("alice");
+    let response = f
+        .api
+        .agent
+        .get(f.api.url("/api/v1/events"))
+        .header("Authorization", format!("Bearer {alice}"))
+        .call()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let mut reader = std::io::BufReader::new(response.into_body().into_reader());
+
+    // bob's change is not alice's business; alice's twin change is.
+    f.hub.set_twin_enabled("bob", D3, false, false).unwrap();
+    report_twin(&f.hub);
+    let (event, id, data) = next_event(&mut reader);
+    assert_eq!(event, "resource_changed");
+    assert!(id.parse::<u64>().unwrap() > 0, "{id}");
+    assert_eq!(data["deviceId"], D1);
+    assert!(data["at"].as_u64().unwrap() > 0);
+    assert_eq!(data["href"], "/light/1");
+    assert_eq!(data["content"], json!({"state": false, "power": 10}));
+    assert_eq!(data["contentType"], "application/vnd.ocf+cbor");
+    assert_eq!(data["etag"], "AQIDBA==");
+    assert_eq!(data["version"], 0);
+    let (event, next_id, data) = next_event(&mut reader);
+    assert_eq!(
+        (event.as_str(), &data["href"]),
+        ("resource_changed", &json!("/json"))
+    );
+    assert!(next_id.parse::<u64>().unwrap() > id.parse::<u64>().unwrap());
+
+    // A filter by device.
+    let response = f
+        .api
+        .agent
+        .get(f.api.url(&format!("/api/v1/events?deviceId={D2}")))
+        .header("Authorization", format!("Bearer {alice}"))
+        .call()
+        .unwrap();
+    let mut only_d2 = std::io::BufReader::new(response.into_body().into_reader());
+    f.hub.set_twin_enabled("alice", D1, false, false).unwrap();
+    f.hub.set_twin_enabled("alice", D2, false, false).unwrap();
+    let (event, _, data) = next_event(&mut only_d2);
+    assert_eq!(event, "twin_enabled");
+    assert_eq!(
+        data,
+        json!({"deviceId": D2, "at": data["at"], "enabled": false})
+    );
+
+    // Stopping the API ends the open streams instead of waiting for them.
+    let (done, stopped) = std::sync::mpsc::channel();
+    let Fixture { api, .. } = f;
+    std::thread::spawn(move || {
+        api.server.stop();
+        let _ = done.send(());
+    });
+    stopped
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the API stopped with event streams open");
+    drop((reader, only_d2));
+}
+
+#[test]
+fn metrics_count_the_hubs_work() {
+    let (f, _device) = Fixture::with_device(Reply::Answer(Status::Ok, Content::none()));
+    f.populate();
+    report_twin(&f.hub);
+    let alice = f.user_token("alice");
+    assert_eq!(
+        f.api
+            .put_json(
+                &format!("/api/v1/devices/{D1}/resources/light/1"),
+                &alice,
+                "{}"
+            )
+            .status,
+        200
+    );
+    assert_eq!(
+        f.api
+            .put_json(
+                &format!("/api/v1/devices/{D2}/resources/light/1"),
+                &alice,
+                "{}"
+            )
+            .status,
+        202
+    );
+    let text = f.api.get("/metrics", None).body;
+    let text = text.as_str().unwrap();
+    for line in [
+        "coapgw_hub_sign_ins_total 1",
+        "coapgw_hub_notifications_total 4",
+        "coapgw_hub_twin_updates_total 4",
+        "coapgw_hub_commands_submitted_total 2",
+        "coapgw_hub_commands_answered_total{status=\"OK\"} 1",
+        "coapgw_hub_commands_answered_total{status=\"NOT_FOUND\"} 0",
+        "coapgw_hub_commands_expired_total 0",
+        "coapgw_hub_commands_canceled_total 0",
+        "coapgw_hub_commands_queue_full_total 0",
+        "coapgw_hub_commands_pending 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+    }
 }

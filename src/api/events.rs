@@ -1,0 +1,173 @@
+//! `GET /api/v1/events`: the hub's events of the caller's devices as
+//! server-sent events (WHATWG HTML §9.2), from the moment of the request.
+//!
+//! Each event is
+//!
+//! ```text
+//! event: resource_changed
+//! id: 42
+//! data: {"deviceId":"5bbc…","at":1800000000000000000,"href":"/light/1",...}
+//! ```
+//!
+//! `event:` is the kind's name ([`EventKind::name`]); `id:` the hub's
+//! sequence number; `data:` one line of JSON with `deviceId`, `at` (Unix
+//! ns) and the kind's fields, camelCase:
+//!
+//! | event | fields |
+//! |---|---|
+//! | `device_registered`, `device_deleted`, `offline` | |
+//! | `online` | `connectionId`, `protocol`, `serviceId` |
+//! | `links_published`, `links_unpublished` | `hrefs` |
+//! | `resource_changed` | `href`, `status`, `content`, `contentType`, `etag`, `version` |
+//! | `twin_state` | `state` |
+//! | `twin_enabled` | `enabled` |
+//! | `command_pending` | `correlationId`, `href`, `operation`, `validUntil` |
+//! | `command_answered` | `correlationId`, `href`, `operation`, `status`, `content`, `contentType` |
+//! | `command_expired`, `command_canceled` | `correlationId`, `href`, `operation` |
+//!
+//! `content` is shown as in `content.rs`. `?deviceId=ID` (repeatable)
+//! keeps the events of those devices only. A comment line is sent every 15
+//! seconds so that proxies keep the connection open. The stream ends when
+//! the hub drops the subscriber (it fell more than the hub's bound behind:
+//! reconnect and re-read the state) and when the API stops.
+//!
+//! What it does not do: replay (`Last-Event-ID` is not read; the hub keeps
+//! no log to replay from).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{RawQuery, State};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use futures_util::StreamExt;
+use serde_json::{Map, Value};
+
+use super::bearer::Caller;
+use super::content;
+use super::devices::hub;
+use super::{ApiState, Failure};
+use crate::hub::{Event, EventKind};
+
+/// The keep-alive comment interval.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// The event's `data:` JSON (fields in the module doc).
+pub(super) fn event_json(event: &Event) -> Value {
+    let mut o = Map::new();
+    o.insert("deviceId".into(), event.device_id.clone().into());
+    o.insert("at".into(), event.at_ns.into());
+    let command = |o: &mut Map<String, Value>, id: &str, href: &str, operation: &str| {
+        o.insert("correlationId".into(), id.into());
+        o.insert("href".into(), href.into());
+        o.insert("operation".into(), operation.into());
+    };
+    match &event.kind {
+        EventKind::DeviceRegistered | EventKind::DeviceDeleted | EventKind::Offline => {}
+        EventKind::Online {
+            connection_id,
+            protocol,
+            service_id,
+        } => {
+            o.insert("connectionId".into(), connection_id.clone().into());
+            o.insert("protocol".into(), protocol.as_str().into());
+            o.insert("serviceId".into(), service_id.clone().into());
+        }
+        EventKind::LinksPublished { hrefs } | EventKind::LinksUnpublished { hrefs } => {
+            o.insert("hrefs".into(), hrefs.clone().into());
+        }
+        EventKind::ResourceChanged {
+            href,
+            status,
+            content: c,
+            etag,
+            version,
+        } => {
+            o.insert("href".into(), href.clone().into());
+            o.insert("status".into(), status.as_str().into());
+            content::show(c).insert_into(&mut o, c);
+            if let Some(etag) = etag {
+                o.insert("etag".into(), STANDARD.encode(etag).into());
+            }
+            o.insert("version".into(), (*version).into());
+        }
+        EventKind::TwinStateChanged { state } => {
+            o.insert("state".into(), state.as_str().into());
+        }
+        EventKind::TwinEnabledChanged { enabled } => {
+            o.insert("enabled".into(), (*enabled).into());
+        }
+        EventKind::CommandPending {
+            correlation_id,
+            href,
+            operation,
+            valid_until_ns,
+        } => {
+            command(&mut o, correlation_id, href, operation.as_str());
+            o.insert("validUntil".into(), (*valid_until_ns).into());
+        }
+        EventKind::CommandAnswered {
+            correlation_id,
+            href,
+            operation,
+            status,
+            content: c,
+        } => {
+            command(&mut o, correlation_id, href, operation.as_str());
+            o.insert("status".into(), status.as_str().into());
+            content::show(c).insert_into(&mut o, c);
+        }
+        EventKind::CommandExpired {
+            correlation_id,
+            href,
+            operation,
+        }
+        | EventKind::CommandCanceled {
+            correlation_id,
+            href,
+            operation,
+        } => command(&mut o, correlation_id, href, operation.as_str()),
+    }
+    Value::Object(o)
+}
+
+fn sse_event(event: &Event) -> SseEvent {
+    SseEvent::default()
+        .event(event.kind.name())
+        .id(event.seq.to_string())
+        // One line: serde_json's compact form escapes newlines in strings.
+        .data(event_json(event).to_string())
+}
+
+/// `GET /api/v1/events`.
+pub(super) async fn stream(
+    State(state): State<ApiState>,
+    caller: Caller,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, Failure> {
+    let devices: Vec<String> = form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+        .filter(|(name, _)| name == "deviceId")
+        .map(|(_, value)| value.to_ascii_lowercase())
+        .collect();
+    let receiver = hub(&state)?.subscribe(caller.owner());
+    let mut stopping = state.stopping.subscribe();
+    let stopped = async move {
+        let _ = stopping.wait_for(|stop| *stop).await;
+    };
+    // Device IDs are UUIDs: compared without case, as the hub does.
+    let events = receiver
+        .into_stream()
+        .filter(move |event: &Arc<Event>| {
+            let keep =
+                devices.is_empty() || devices.contains(&event.device_id.to_ascii_lowercase());
+            std::future::ready(keep)
+        })
+        .map(|event| Ok::<_, Infallible>(sse_event(&event)))
+        .take_until(Box::pin(stopped));
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response())
+}
