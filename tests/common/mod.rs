@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod ocf;
+pub mod process;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
