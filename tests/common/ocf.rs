@@ -454,7 +454,7 @@ pub struct OcfDevice {
 }
 
 /// Decides the answer to a gateway request ([`OcfDevice::hook`]).
-pub type DeviceHook = Box<dyn FnMut(&Msg) -> Hook>;
+pub type DeviceHook = Box<dyn FnMut(&Msg) -> Hook + Send>;
 
 /// What [`OcfDevice::hook`] makes of a gateway request.
 pub enum Hook {
@@ -495,7 +495,13 @@ impl OcfDevice {
     }
 
     pub fn connect_with(gw: &TestGateway, tls: Arc<rustls::ClientConfig>) -> OcfDevice {
-        let dev = TestDevice::connect_tls(gw.addr, tls).expect("TLS handshake");
+        OcfDevice::connect_to(gw.addr, tls)
+    }
+
+    /// Connects to a gateway at `addr` (e.g. a `coap-gateway serve`
+    /// process).
+    pub fn connect_to(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> OcfDevice {
+        let dev = TestDevice::connect_tls(addr, tls).expect("TLS handshake");
         let mut device = OcfDevice {
             dev,
             requests: Vec::new(),
@@ -644,7 +650,12 @@ impl OcfDevice {
             }
             (Code::POST, href) if queries.iter().any(|q| q == "if=oic.if.create") => {
                 let created = from_cbor(&req.payload);
-                self.add_resource(&format!("{}/new", href.trim_end_matches('/')), "x.new", created.clone(), true);
+                self.add_resource(
+                    &format!("{}/new", href.trim_end_matches('/')),
+                    "x.new",
+                    created.clone(),
+                    true,
+                );
                 (Code::CREATED, Some(created))
             }
             (Code::POST, href) if self.resources.contains_key(href) => {
