@@ -10,7 +10,9 @@
 //! Abort from the device), keepalive (spec §2.4), the OCF cloud resources
 //! of spec §5 (sign-up, sign-off, sign-in, sign-out, token refresh,
 //! publish, unpublish, selector, discovery, time), the authorization gate
-//! of spec §4.6 and the token deadline of spec §4.7.
+//! of spec §4.6, the token deadline of spec §4.7, and as a CoAP client of
+//! the device: its request queue (spec §2.6, [`requests`]), the device
+//! twin (spec §6, [`twin`]) and hub commands (spec §7, [`commands`]).
 
 mod commands;
 mod error;
@@ -161,7 +163,8 @@ enum Timer {
     Keepalive = 0,
     /// spec §4.7: the signed-in session's deadline.
     Deadline = 1,
-    /// A request we sent the device waits for its answer (spec §8.1).
+    /// Our outstanding request waits for the device's answer (spec §2.6,
+    /// §7.2: `keepalive_timeout`).
     DeviceRequest = 2,
     /// Exchanged tokens wait for the issuer's new keys (spec §4.1).
     KeyRetry = 3,

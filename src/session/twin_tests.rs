@@ -938,3 +938,96 @@ fn sign_out_cancels_observations_on_the_wire() {
     );
     assert_eq!(cancel.path(), "/light");
 }
+
+#[test]
+fn a_forced_resync_rebuilds_the_observation_without_etags() {
+    // spec §7.5: force rebuilds; spec §6.5 step 2: no ETags when forced.
+    let mut dev = Dev::new(false, vec![link("/light", "core.light", 3)]);
+    let discover = dev.sign_in_to_discovery();
+    dev.answer(
+        &discover,
+        Code::CONTENT,
+        None,
+        Some(10000),
+        &link_list(true, &["/light"]),
+    );
+    let observe = dev.one_request();
+    let payload = batch(&[Element {
+        href: "/light",
+        etag: Some(b"\x07"),
+        rep: rep(serde_json::json!({"on": true})),
+    }]);
+    dev.answer(&observe, Code::CONTENT, Some(1), Some(10000), &payload);
+    assert_eq!(dev.hub.latest_etags(D, 8), [b"\x07".to_vec()]);
+
+    dev.hub.set_twin_enabled(OWNER, D, true, true).unwrap();
+    let message = dev.inbox.delivered.lock().unwrap().pop().unwrap();
+    assert_eq!(
+        message,
+        HubMessage::Twin {
+            enabled: true,
+            force: true
+        }
+    );
+    dev.session.handle_hub_message(dev.now, dev.wall, message);
+    let cancel = dev.one_request();
+    assert_eq!(
+        (cancel.token.clone(), cancel.observe()),
+        (observe.token.clone(), Some(1))
+    );
+    dev.answer(&cancel, Code::CONTENT, None, None, &[]);
+    let discover = dev.one_request();
+    assert_eq!(discover.queries(), ["if=oic.if.ll"]);
+    dev.answer(
+        &discover,
+        Code::CONTENT,
+        None,
+        Some(10000),
+        &link_list(true, &["/light"]),
+    );
+    let again = dev.one_request();
+    assert_eq!(again.observe(), Some(0));
+    assert!(again.values(option::ETAG).is_empty());
+    assert_eq!(again.queries(), ["if=oic.if.b"]);
+    dev.answer(&again, Code::CONTENT, Some(1), Some(10000), &payload);
+    assert_eq!(dev.twin_state(), TwinState::InSync);
+}
+
+#[test]
+fn a_hub_that_refuses_notifications_closes_the_connection() {
+    // spec §6.7: the hub is out of sync; the device reconnects.
+    let mut dev = Dev::new(false, vec![]);
+    let discover = dev.sign_in_to_discovery();
+    dev.answer(
+        &discover,
+        Code::CONTENT,
+        None,
+        Some(10000),
+        &link_list(true, &[]),
+    );
+    let observe = dev.one_request();
+    // Another connection of the device went ONLINE meanwhile: the hub
+    // refuses this one's changes.
+    dev.hub
+        .set_online(
+            &ctx(),
+            crate::hub::Online {
+                connection: ConnectionRef(77),
+                connected_at_ns: 2,
+                protocol: Protocol::CoapsTcp,
+                service_id: "s".into(),
+                connection_id: "other".into(),
+            },
+        )
+        .unwrap();
+    let payload = batch(&[Element {
+        href: "/light",
+        etag: None,
+        rep: rep(serde_json::json!({"on": true})),
+    }]);
+    dev.answer(&observe, Code::CONTENT, Some(1), Some(10000), &payload);
+    assert!(matches!(
+        dev.session.is_closed(),
+        Some(CloseReason::TwinSyncFailed(_))
+    ));
+}
