@@ -11,8 +11,8 @@
 //! of spec §5 (sign-up, sign-off, sign-in, sign-out, token refresh,
 //! publish, unpublish, selector, discovery, time), the authorization gate
 //! of spec §4.6, the token deadline of spec §4.7, and as a CoAP client of
-//! the device: its request queue (spec §2.6, [`requests`]), the device
-//! twin (spec §6, [`twin`]) and hub commands (spec §7, [`commands`]).
+//! the device: its request queue (spec §2.6, `requests`), the device
+//! twin (spec §6, `twin`) and hub commands (spec §7, `commands`).
 
 mod commands;
 mod error;
