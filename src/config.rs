@@ -199,6 +199,13 @@ pub struct CoapConfig {
     /// `host:port` devices and clients reach this gateway at, used in the
     /// `eps` of cloud discovery (spec §5.9). Empty = the listener's address.
     pub external_address: String,
+    /// Twin synchronisation needs a batch-observable `/oic/res` (spec §6.6,
+    /// `requireBatchObserveEnabled`): a device without one is disconnected
+    /// right after sign-in. When false, such a device is observed resource
+    /// by resource. Default false (the reference defaults to true, which
+    /// disconnects IoTivity-Lite built with its default options, spec §14
+    /// item 14).
+    pub require_batch_observe: bool,
     /// `[coap.tls]`
     pub tls: TlsConfig,
 }
@@ -213,6 +220,7 @@ impl Default for CoapConfig {
             handshake_timeout: Duration::from_secs(10),
             max_connections: 0,
             external_address: String::new(),
+            require_batch_observe: false,
             tls: TlsConfig::default(),
         }
     }
@@ -1082,6 +1090,7 @@ mod tests {
         assert_eq!(c.coap.handshake_timeout, Duration::from_secs(10));
         assert_eq!(c.coap.max_connections, 0);
         assert_eq!(c.coap.connection_limit(), None);
+        assert!(!c.coap.require_batch_observe);
         assert!(c.coap.tls.enabled);
         assert_eq!(c.coap.tls.client_auth, ClientAuth::Identity);
         assert_eq!(c.coap.tls.ca, Path::new("data/pki/ca.pem"));
@@ -1122,6 +1131,7 @@ mod tests {
             keepalive_timeout = "1m"
             handshake_timeout = "500ms"
             max_connections = 10000
+            require_batch_observe = true
 
             [coap.tls]
             client_auth = "any"
@@ -1135,6 +1145,7 @@ mod tests {
             "127.0.0.1:15684".parse::<SocketAddr>().unwrap()
         );
         assert_eq!(c.coap.shard_count(), NonZeroUsize::new(4));
+        assert!(c.coap.require_batch_observe);
         assert_eq!(c.coap.max_message_size, 65536);
         assert_eq!(c.coap.keepalive_timeout, Duration::from_secs(60));
         assert_eq!(c.coap.handshake_timeout, Duration::from_millis(500));

@@ -252,6 +252,7 @@ pub fn start_with_shutdown(
         hub: hub.clone(),
         validator: validator.clone(),
         providers,
+        require_batch_observe: config.coap.require_batch_observe,
     };
     let slot = sender.clone();
     let rt = Runtime::start(runtime, move |_shard| {

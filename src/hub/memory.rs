@@ -364,13 +364,21 @@ impl Hub for MemoryHub {
         resource_types: &[&str],
         now_unix: u64,
     ) -> Vec<(String, Vec<StoredLink>)> {
-        let wanted: Vec<String> = device_ids.iter().map(|d| key(d)).collect();
+        let mut wanted: Vec<String> = device_ids.iter().map(|d| key(d)).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
         let state = self.state();
-        let mut out: Vec<(String, Vec<StoredLink>)> = state
-            .devices
-            .iter()
-            .filter(|(k, d)| d.owner == owner && (wanted.is_empty() || wanted.contains(k)))
-            .map(|(_, d)| {
+        // Named devices are looked up, not searched for: a session asks for
+        // its own device's links (spec §6.4), which must not cost a walk
+        // over every device of a large owner.
+        let devices: Box<dyn Iterator<Item = &Device>> = if wanted.is_empty() {
+            Box::new(state.devices.values())
+        } else {
+            Box::new(wanted.iter().filter_map(|k| state.devices.get(k)))
+        };
+        let mut out: Vec<(String, Vec<StoredLink>)> = devices
+            .filter(|d| d.owner == owner)
+            .map(|d| {
                 let links = d
                     .links
                     .values()

@@ -292,6 +292,22 @@ fn decode_link<'a>(
     })
 }
 
+/// The links of a device's `GET /oic/res?if=oic.if.ll` answer (spec §6.3):
+/// a CBOR array of link maps, decoded as publish decodes its links (hrefs
+/// normalised, `ins` computed). `di` is left empty: the device's answer
+/// names itself in `anchor`, not per link.
+pub fn decode_link_list(payload: &[u8]) -> Result<Vec<Link<'_>>, BodyError> {
+    if payload.is_empty() {
+        return Err(BodyError::Empty);
+    }
+    let mut d = minicbor::Decoder::new(payload);
+    let mut links = Vec::new();
+    for item in cbor::Items::new(&mut d, cbor::BODY)? {
+        links.push(decode_link(&mut item?, "")?);
+    }
+    Ok(links)
+}
+
 fn key(context: &'static str, name: &'static str) -> Key {
     Key { context, name }
 }

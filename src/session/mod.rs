@@ -10,11 +10,16 @@
 //! Abort from the device), keepalive (spec §2.4), the OCF cloud resources
 //! of spec §5 (sign-up, sign-off, sign-in, sign-out, token refresh,
 //! publish, unpublish, selector, discovery, time), the authorization gate
-//! of spec §4.6 and the token deadline of spec §4.7.
+//! of spec §4.6, the token deadline of spec §4.7, and as a CoAP client of
+//! the device: its request queue (spec §2.6, `requests`), the device
+//! twin (spec §6, `twin`) and hub commands (spec §7, `commands`).
 
+mod commands;
 mod error;
 mod keepalive;
 mod ocf_handlers;
+mod requests;
+mod twin;
 
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
@@ -30,6 +35,8 @@ use crate::hub::{
     Status,
 };
 use crate::ocf::{self, ContentFormat};
+use requests::Requests;
+use twin::Twin;
 
 pub use error::{SessionError, WireAction};
 use keepalive::Keepalive;
@@ -62,6 +69,10 @@ pub struct SessionConfig {
     /// OAuth providers by `authprovider` name; the first is used when a
     /// refresh names none (spec §4.8).
     pub providers: Vec<Arc<dyn TokenProvider>>,
+    /// `coap.require_batch_observe` (spec §6.6, checklist item 47): a
+    /// device without a batch-observable `/oic/res` is disconnected
+    /// instead of being observed resource by resource.
+    pub require_batch_observe: bool,
 }
 
 impl Default for SessionConfig {
@@ -81,6 +92,7 @@ impl Default for SessionConfig {
             hub: Arc::new(MemoryHub::new()),
             validator: Arc::new(SharedValidator::new(validator)),
             providers: Vec::new(),
+            require_batch_observe: false,
         }
     }
 }
@@ -93,6 +105,7 @@ impl std::fmt::Debug for SessionConfig {
             .field("owner_cache_expiration", &self.owner_cache_expiration)
             .field("certificate_device_id", &self.certificate_device_id)
             .field("providers", &self.providers.len())
+            .field("require_batch_observe", &self.require_batch_observe)
             .finish_non_exhaustive()
     }
 }
@@ -138,6 +151,10 @@ pub enum CloseReason {
     TokenExpired,
     /// A request to `/oic/sec/*` failed (spec §5.0 close-on-error).
     SecurityRequestFailed,
+    /// The twin cannot be synchronised (spec §6.6, §6.7): an observation
+    /// failed, the hub refused a notification, or `/oic/res` is not batch
+    /// observable while batch observation is required (checklist item 47).
+    TwinSyncFailed(String),
 }
 
 /// Timers as data (STYLE.md §6): one deadline per kind.
@@ -146,7 +163,8 @@ enum Timer {
     Keepalive = 0,
     /// spec §4.7: the signed-in session's deadline.
     Deadline = 1,
-    /// A request we sent the device waits for its answer (spec §8.1).
+    /// Our outstanding request waits for the device's answer (spec §2.6,
+    /// §7.2: `keepalive_timeout`).
     DeviceRequest = 2,
     /// Exchanged tokens wait for the issuer's new keys (spec §4.1).
     KeyRetry = 3,
@@ -187,9 +205,14 @@ pub struct Session {
     /// OAuth exchanges (spec §4.8): only while a device signs up or
     /// refreshes, boxed so an idle session does not carry them.
     exchanges: Option<Box<ocf_handlers::Exchanges>>,
-    /// The request we sent the device (spec §8.1 `GET /oic/res`) and its
-    /// token; one at a time (spec §2.6).
-    device_request: Option<[u8; 8]>,
+    /// Our requests to the device, one outstanding at a time (spec §2.6);
+    /// `None` when there are none.
+    requests: Option<Box<Requests>>,
+    /// The twin synchronisation (spec §6), while the twin is kept.
+    twin: Option<Box<Twin>>,
+    /// Counts inbound messages: the sequence of spec §8.3 that orders this
+    /// connection's notifications in the hub.
+    inbound: u64,
     /// The `now` of the latest input, for deadlines set by handlers, and
     /// the wall clock at that moment.
     now: Instant,
@@ -212,7 +235,9 @@ impl Session {
             closed: None,
             signed_in: None,
             exchanges: None,
-            device_request: None,
+            requests: None,
+            twin: None,
+            inbound: 0,
             now,
             wall: SystemTime::UNIX_EPOCH,
         };
@@ -243,6 +268,7 @@ impl Session {
         }
         self.now = now;
         self.wall = wall;
+        self.inbound += 1;
         // spec §2.4 step 1: every inbound frame counts as activity.
         self.keepalive.on_activity(now);
         let result = if msg.code.is_signal() {
@@ -259,7 +285,7 @@ impl Session {
                 Err(SessionError::Unauthorized)
             }
         } else {
-            self.handle_response(wall, msg);
+            self.handle_response(msg);
             Ok(())
         };
         if let Err(error) = result {
@@ -309,10 +335,7 @@ impl Session {
             self.retry_awaiting_keys();
         }
         if self.timers[Timer::DeviceRequest as usize].is_some_and(|at| now >= at) {
-            self.timers[Timer::DeviceRequest as usize] = None;
-            if self.device_request.take().is_some() {
-                tracing::debug!("the device did not answer our request in time");
-            }
+            self.request_timed_out();
         }
     }
 
@@ -341,30 +364,48 @@ impl Session {
             self.closed = Some(CloseReason::Transport(reason));
         }
         if let Some(signed_in) = self.signed_in.take() {
+            // Before OFFLINE: the command sent and not answered is
+            // UNAVAILABLE, those never sent go back to the hub (spec §7.3).
+            self.leave_session(
+                &signed_in.ctx,
+                false,
+                "the connection closed before the device answered",
+            );
             self.config
                 .hub
                 .set_offline(&signed_in.ctx.device_id, self.identity.connection);
         }
+        self.requests = None;
+        self.twin = None;
     }
 
     /// A command or twin setting from the hub (spec §7).
     pub fn handle_hub_message(&mut self, now: Instant, wall: SystemTime, message: HubMessage) {
         self.now = now;
         self.wall = wall;
-        // Until the session executes commands (spec §7.2), it answers each
-        // at once so that no issuer waits in vain.
-        if let (HubMessage::Command(command), Some(signed_in)) = (message, &self.signed_in) {
-            self.config.hub.command_result(
-                &signed_in.ctx,
-                self.identity.connection,
-                CommandResult {
-                    correlation_id: command.correlation_id.clone(),
-                    status: Status::NotImplemented,
-                    content: Content::none(),
-                    etag: None,
-                },
-            );
+        match message {
+            HubMessage::Command(command) => self.accept_command(command),
+            HubMessage::Twin { enabled, force } => {
+                if self.closed.is_some() || self.signed_in.is_none() {
+                    return;
+                }
+                // spec §7.5: disabling stops every observation (GET
+                // Observe=1, checklist item 60); forcing rebuilds without
+                // ETags; enabling starts the twin if it is not kept yet.
+                if !enabled || force {
+                    self.stop_twin(true);
+                }
+                if enabled && (force || self.twin.is_none()) {
+                    self.start_twin(force);
+                }
+            }
         }
+    }
+
+    /// The twin synchronisation state of spec §6.9 as this session sees
+    /// it: `None` while no twin is kept, else whether it is in sync.
+    pub fn twin_in_sync(&self) -> Option<bool> {
+        self.twin.as_ref().map(|t| t.is_in_sync())
     }
 
     /// The next OAuth exchange for the driver to start.
@@ -510,3 +551,9 @@ mod tests;
 
 #[cfg(test)]
 mod ocf_tests;
+
+#[cfg(test)]
+mod twin_tests;
+
+#[cfg(test)]
+mod command_tests;

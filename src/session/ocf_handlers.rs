@@ -100,12 +100,12 @@ struct PendingExchange {
     waiters: Vec<Waiter>,
 }
 
-fn unix(wall: SystemTime) -> u64 {
+pub(super) fn unix(wall: SystemTime) -> u64 {
     wall.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
-fn unix_ns(wall: SystemTime) -> u64 {
+pub(super) fn unix_ns(wall: SystemTime) -> u64 {
     wall.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
@@ -501,6 +501,11 @@ impl Session {
         // Our own connection goes OFFLINE first, so that removing the
         // device does not close it (spec §5.3: the connection stays open).
         if let Some(signed_in) = self.signed_in.take() {
+            self.leave_session(
+                &signed_in.ctx,
+                true,
+                "the device signed off before it answered",
+            );
             self.config
                 .hub
                 .set_offline(&signed_in.ctx.device_id, self.identity.connection);
@@ -570,6 +575,11 @@ impl Session {
             // Another device or owner on this connection: the old one goes
             // OFFLINE. (The reference skips ONLINE for the new one, a quirk
             // only the hub sees; here the hub's view stays exact.)
+            self.leave_session(
+                &previous.ctx,
+                true,
+                "another device signed in on the connection before the device answered",
+            );
             self.config
                 .hub
                 .set_offline(&previous.ctx.device_id, self.identity.connection);
@@ -618,7 +628,11 @@ impl Session {
         }
         self.write_response(Code::CHANGED, msg.token, Some(format), &body);
         if !same {
-            self.request_local_endpoints();
+            // spec §8.1 local endpoints, §6.1 twin, §7.1 cold start, in
+            // this order on the device's request queue (spec §2.6).
+            self.enqueue(requests::Request::LocalEndpoints);
+            self.start_twin(false);
+            self.cold_start();
         }
         Ok(())
     }
@@ -630,34 +644,9 @@ impl Session {
         });
     }
 
-    /// spec §8.1: `GET /oic/res?if=oic.if.ll&rt=oic.wk.d` to learn the
-    /// device's local endpoints (checklist item 28).
-    fn request_local_endpoints(&mut self) {
-        if self.device_request.is_some() {
-            return;
-        }
-        let token = self.next_token();
-        {
-            let mut request = MessageWriter::new(&mut self.out, Code::GET, &token);
-            request
-                .option_str(option::URI_PATH, "oic")
-                .option_str(option::URI_PATH, "res")
-                .option_str(option::URI_QUERY, "if=oic.if.ll")
-                .option_str(option::URI_QUERY, "rt=oic.wk.d");
-            request.finish();
-        }
-        self.device_request = Some(token);
-        self.timers[Timer::DeviceRequest as usize] = Some(self.now + self.config.keepalive_timeout);
-    }
-
-    /// A response from the device: ours, or dropped (spec §2.7).
-    pub(super) fn handle_response(&mut self, _wall: SystemTime, msg: MessageRef<'_>) {
-        if self.device_request.is_none_or(|t| t[..] != *msg.token) {
-            tracing::debug!(code = %msg.code, "dropping a response for an unknown token");
-            return;
-        }
-        self.device_request = None;
-        self.timers[Timer::DeviceRequest as usize] = None;
+    /// spec §8.1: the answer to `GET /oic/res?if=oic.if.ll&rt=oic.wk.d`
+    /// (checklist item 28).
+    pub(super) fn local_endpoints_answered(&mut self, msg: MessageRef<'_>) {
         let Some(signed_in) = &self.signed_in else {
             return;
         };
@@ -687,6 +676,11 @@ impl Session {
         let credentials = credentials.or(self.session_credentials(wall));
         self.verify_credentials(credentials, now)?;
         if let Some(signed_in) = self.signed_in.take() {
+            self.leave_session(
+                &signed_in.ctx,
+                true,
+                "the device signed out before it answered",
+            );
             self.config
                 .hub
                 .set_offline(&signed_in.ctx.device_id, self.identity.connection);
@@ -832,13 +826,20 @@ impl Session {
                 link.device_id.clone_from(&ctx.device_id);
                 link
             })
-            .collect();
-        self.config.hub.publish(&ctx, links).map_err(hub_error)?;
+            .collect::<Vec<_>>();
+        self.config
+            .hub
+            .publish(&ctx, links.clone())
+            .map_err(hub_error)?;
         let mut body = Vec::new();
         request
             .encode(format, &mut body)
             .map_err(|_| SessionError::Internal("cannot encode the publish response"))?;
         self.write_response(Code::CHANGED, msg.token, Some(format), &body);
+        // spec §6.8: new links join the per-resource observations; spec
+        // §7.1: commands waiting for them are delivered now.
+        self.twin_published(&links);
+        self.cold_start();
         Ok(())
     }
 
@@ -852,7 +853,8 @@ impl Session {
                 query.device_id, ctx.device_id
             )));
         }
-        self.config
+        let hrefs = self
+            .config
             .hub
             .unpublish(&ctx, &query.instance_ids, unix(wall))
             .map_err(|e| {
@@ -862,6 +864,8 @@ impl Session {
                 ))
             })?;
         self.write_response(Code::DELETED, msg.token, None, &[]);
+        // spec §6.8: their observations are cancelled.
+        self.twin_unpublished(&hrefs);
         Ok(())
     }
 
