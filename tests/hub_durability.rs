@@ -40,11 +40,14 @@ fn command(dir: &Path, port: u16, api: u16) -> Command {
     cmd
 }
 
-fn wait_for_port(port: u16, child: &mut Child) {
+/// Waits until `port` accepts; `Err` with the gateway's stderr when it
+/// exited first.
+fn wait_for_port(port: u16, child: &mut Child, log: &Path) -> Result<(), String> {
     let started = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("gateway exited early: {status}");
+            let stderr = std::fs::read_to_string(log).unwrap_or_default();
+            return Err(format!("gateway exited early: {status}\n{stderr}"));
         }
         assert!(
             started.elapsed() < Duration::from_secs(10),
@@ -52,18 +55,34 @@ fn wait_for_port(port: u16, child: &mut Child) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    Ok(())
 }
 
 fn serve(dir: &Path, port: u16, api: u16, args: &[&str]) -> Child {
-    let mut child = command(dir, port, api)
-        .arg("serve")
-        .args(args)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn the gateway");
-    wait_for_port(port, &mut child);
-    wait_for_port(api, &mut child);
-    child
+    let log = dir.join("gateway.stderr");
+    let started = Instant::now();
+    loop {
+        let stderr = std::fs::File::create(&log).expect("stderr file");
+        let mut child = command(dir, port, api)
+            .arg("serve")
+            .args(args)
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .expect("spawn the gateway");
+        match wait_for_port(port, &mut child, &log)
+            .and_then(|()| wait_for_port(api, &mut child, &log))
+        {
+            Ok(()) => return child,
+            // A killed gateway's listener can outlive it briefly (its
+            // io_uring is torn down after the process): start again.
+            Err(e)
+                if e.contains("already in use") && started.elapsed() < Duration::from_secs(5) =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
 }
 
 fn kill_9(mut child: Child) {
@@ -203,4 +222,60 @@ fn a_second_gateway_on_the_same_data_dir_refuses_to_start() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("hub.redb"), "{stderr}");
     assert!(stderr.contains("already in use"), "{stderr}");
+}
+
+#[test]
+fn the_control_plane_expires_pending_commands_and_the_store_keeps_the_outcome() {
+    use coap_gateway::auth::ClientAuth;
+    use coap_gateway::hub::{AuthContext, CommandKind, CommandOutcome, EventKind, Hub};
+    let pki = common::TestPki::new();
+    let mut gw = TestGateway::start(&pki.config(ClientAuth::Identity));
+    let hub = gw.hub().clone();
+    assert!(hub.is_durable());
+    hub.add_device(&AuthContext {
+        owner: "alice".into(),
+        device_id: DEVICE_ID.into(),
+        ..AuthContext::default()
+    })
+    .unwrap();
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let ticket = hub
+        .submit_command(
+            "alice",
+            coap_gateway::hub::Command {
+                correlation_id: "soon".into(),
+                device_id: DEVICE_ID.into(),
+                href: "/light".into(),
+                kind: CommandKind::Delete,
+                interface: None,
+                valid_until_ns: now_ns + 200_000_000,
+                issued_at_ns: 0,
+            },
+        )
+        .unwrap();
+    assert!(ticket.pending, "the device is offline");
+    // spec §7.4: the control plane's periodic expiry (every second).
+    assert_eq!(
+        ticket.outcome.recv_timeout(Duration::from_secs(5)),
+        Ok(CommandOutcome::Expired)
+    );
+    assert!(hub.pending_commands("alice", DEVICE_ID).unwrap().is_empty());
+    gw.stop();
+    drop(hub);
+    // The expiry is in the log a restart reads.
+    let gw = TestGateway::start(&pki.config(ClientAuth::Identity));
+    let events = gw.hub().events_after("alice", 0, 100).unwrap();
+    assert!(
+        events.iter().any(|e| matches!(&e.kind,
+            EventKind::CommandExpired { correlation_id, .. } if correlation_id == "soon")),
+        "{events:?}"
+    );
+    assert!(gw
+        .hub()
+        .pending_commands("alice", DEVICE_ID)
+        .unwrap()
+        .is_empty());
 }
