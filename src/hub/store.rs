@@ -237,8 +237,9 @@ impl Shared {
 
 /// The open store: the persister thread and what waiters need.
 pub(crate) struct Store {
-    /// Shared with the persister, for reading the event log.
-    db: Arc<Database>,
+    /// Shared with the persister, for reading the event log; taken on
+    /// close, so that the file is free once the store is closed.
+    db: Mutex<Option<Arc<Database>>>,
     tx: flume::Sender<Msg>,
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -321,7 +322,7 @@ impl Store {
         };
         Ok((
             Store {
-                db,
+                db: Mutex::new(Some(db)),
                 tx,
                 shared,
                 thread: Mutex::new(Some(thread)),
@@ -344,7 +345,13 @@ impl Store {
         after: u64,
         limit: usize,
     ) -> Result<Vec<Event>, HubError> {
-        read_events(&self.db, owner, after, limit).map_err(|e| {
+        let db = self
+            .db
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+            .ok_or_else(|| HubError::Unavailable("the hub store is closed".into()))?;
+        read_events(&db, owner, after, limit).map_err(|e| {
             tracing::error!("cannot read the hub's event log: {e}");
             HubError::Unavailable("the hub's event log cannot be read".into())
         })
@@ -410,6 +417,10 @@ impl Store {
                 tracing::error!("the hub store's persister panicked");
             }
         }
+        self.db
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
     }
 }
 

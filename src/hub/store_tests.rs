@@ -456,6 +456,9 @@ fn a_closed_store_makes_api_changes_unavailable_and_takes_a_command_back() {
         hub.set_twin_enabled("alice", D, false, false),
         Err(HubError::Unavailable(_))
     ));
+    // The file is free: another process (here: hub) may open it.
+    let reopened = MemoryHub::open(dir.path()).unwrap();
+    assert!(reopened.owns("alice", D));
     // Device-side calls go on in memory.
     hub.set_online(&c, online(1)).unwrap();
     assert!(hub.device("alice", D).unwrap().status.online);
