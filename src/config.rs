@@ -345,13 +345,40 @@ impl TlsConfig {
     }
 }
 
+/// `hub.kind`: which hub back end the gateway runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HubKind {
+    /// In process, kept in `<data_dir>/hub.redb`.
+    #[default]
+    Embedded,
+    /// NATS JetStream, shared between gateway nodes (not in this build).
+    Nats,
+}
+
 /// `[hub]`: the back end devices are connected to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HubConfig {
-    /// Where the embedded defaults keep their state; the development PKI
-    /// lives in `<data_dir>/pki`. Default `data`.
+    /// The back end. Default `embedded`; `nats` is refused by this build.
+    pub kind: HubKind,
+    /// Where the embedded defaults keep their state: the embedded hub's
+    /// store `<data_dir>/hub.redb`, the development PKI in
+    /// `<data_dir>/pki`. Default `data`.
     pub data_dir: PathBuf,
+    /// Events the embedded hub keeps in its log; older ones are pruned.
+    /// At least 1. Default 100000.
+    pub event_retention: u64,
+    /// How long the embedded hub collects device-side changes before it
+    /// commits them in one write (a crash loses at most this much of
+    /// them; API changes are committed before the call returns). At most
+    /// 1 s. Default 2 ms.
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// How long a command waits for an offline device when the request
+    /// names no deadline (spec §7.4). Greater than zero. Default 10 min.
+    #[serde(with = "humantime_serde")]
+    pub command_time_to_live: Duration,
 }
 
 /// `[authority]`: the embedded token authority, which issues sign-up codes,
@@ -589,10 +616,18 @@ impl Default for ApiConfig {
     }
 }
 
+/// The longest `hub.commit_interval`: past it, device-side changes wait too
+/// long in memory.
+const COMMIT_INTERVAL_CEILING: Duration = Duration::from_secs(1);
+
 impl Default for HubConfig {
     fn default() -> Self {
         Self {
+            kind: HubKind::Embedded,
             data_dir: PathBuf::from("data"),
+            event_retention: 100_000,
+            commit_interval: Duration::from_millis(2),
+            command_time_to_live: Duration::from_secs(600),
         }
     }
 }
@@ -604,8 +639,32 @@ impl HubConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.kind == HubKind::Nats {
+            return Err(invalid(
+                "hub.kind",
+                "\"nats\" is not available yet in this build; use \"embedded\"",
+            ));
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("hub.data_dir", "must not be empty (e.g. \"data\")"));
+        }
+        if self.event_retention == 0 {
+            return Err(invalid("hub.event_retention", "must be at least 1"));
+        }
+        if self.commit_interval > COMMIT_INTERVAL_CEILING {
+            return Err(invalid(
+                "hub.commit_interval",
+                format!(
+                    "must be at most {}",
+                    humantime::format_duration(COMMIT_INTERVAL_CEILING)
+                ),
+            ));
+        }
+        if self.command_time_to_live.is_zero() {
+            return Err(invalid(
+                "hub.command_time_to_live",
+                "must be greater than zero",
+            ));
         }
         Ok(())
     }
@@ -700,6 +759,7 @@ impl Config {
             coap: CoapConfig::default(),
             hub: HubConfig {
                 data_dir: data_dir.into(),
+                ..HubConfig::default()
             },
             api: ApiConfig::default(),
             authority: AuthorityConfig::default(),
@@ -1451,6 +1511,41 @@ mod tests {
     fn empty_data_dir_is_invalid() {
         let result = Config::from_toml_str("[hub]\ndata_dir = \"\"\n");
         assert_eq!(invalid_key(result), "hub.data_dir");
+    }
+
+    #[test]
+    fn hub_keys_parse_and_are_checked() {
+        let c = Config::from_toml_str(
+            "[hub]\nkind = \"embedded\"\nevent_retention = 5\ncommit_interval = \"10ms\"\ncommand_time_to_live = \"1h\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.hub.kind, HubKind::Embedded);
+        assert_eq!(c.hub.event_retention, 5);
+        assert_eq!(c.hub.commit_interval, Duration::from_millis(10));
+        assert_eq!(c.hub.command_time_to_live, Duration::from_secs(3600));
+        let d = Config::default();
+        assert_eq!(d.hub.event_retention, 100_000);
+        assert_eq!(d.hub.commit_interval, Duration::from_millis(2));
+        assert_eq!(d.hub.command_time_to_live, Duration::from_secs(600));
+        assert_eq!(
+            Config::with_data_dir("x").hub.command_time_to_live,
+            Duration::from_secs(600)
+        );
+        let nats = Config::from_toml_str("[hub]\nkind = \"nats\"\n").unwrap_err();
+        assert!(
+            matches!(&nats, ConfigError::Invalid { key, message }
+                if key == "hub.kind" && message.contains("not available yet in this build")),
+            "{nats}"
+        );
+        for (text, key) in [
+            ("event_retention = 0", "hub.event_retention"),
+            ("commit_interval = \"2s\"", "hub.commit_interval"),
+            ("command_time_to_live = \"0s\"", "hub.command_time_to_live"),
+        ] {
+            let result = Config::from_toml_str(&format!("[hub]\n{text}\n"));
+            assert_eq!(invalid_key(result), key, "{text}");
+        }
+        assert!(Config::from_toml_str("[hub]\nkind = \"redis\"\n").is_err());
     }
 
     #[test]

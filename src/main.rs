@@ -41,7 +41,12 @@ enum LogFormatArg {
 #[derive(Subcommand)]
 enum Command {
     /// Start the gateway (the default).
-    Serve,
+    Serve {
+        /// Keep the hub in memory only: the data directory's hub store is
+        /// not opened, and devices, twins and commands are lost on exit.
+        #[arg(long)]
+        memory: bool,
+    },
     /// Create certificates: a development CA and gateway certificate, or
     /// device certificates.
     #[command(subcommand)]
@@ -111,8 +116,8 @@ enum CertsCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(cli.config.as_deref(), cli.log_format),
+    match cli.command.unwrap_or(Command::Serve { memory: false }) {
+        Command::Serve { memory } => serve(cli.config.as_deref(), cli.log_format, memory),
         Command::CheckConfig => check_config(cli.config.as_deref()),
         Command::Token(command) => token(cli.config.as_deref(), command),
         Command::Certs(CertsCommand::Init { out, hub_id, force }) => {
@@ -239,7 +244,7 @@ fn init_logging(config: &Config, format: Option<LogFormatArg>) {
     }
 }
 
-fn serve(path: Option<&Path>, format: Option<LogFormatArg>) -> ExitCode {
+fn serve(path: Option<&Path>, format: Option<LogFormatArg>, memory: bool) -> ExitCode {
     let config = match load_config(path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -264,7 +269,8 @@ fn serve(path: Option<&Path>, format: Option<LogFormatArg>) -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    let gateway = match server::start_with_shutdown(&config, shutdown) {
+    let options = server::StartOptions { memory };
+    let gateway = match server::start_with_options(&config, shutdown, options) {
         Ok(gw) => gw,
         Err(e) => {
             tracing::error!("{e}");

@@ -22,7 +22,7 @@ use crate::auth::validator::SharedValidator;
 use crate::auth::ClientAuth;
 use crate::config::Config;
 use crate::gateway::{GatewayMessage, GatewayService, SenderSlot, ShardConnections};
-use crate::hub::{MemoryHub, Protocol};
+use crate::hub::{Hub, MemoryHub, Protocol, StoreError, StoreSettings};
 use crate::ocf;
 use crate::session::SessionConfig;
 
@@ -36,6 +36,46 @@ pub enum ServeError {
     Start(#[from] StartError),
     #[error("authorization: {0}")]
     Auth(String),
+    #[error("{0}")]
+    Hub(#[from] StoreError),
+}
+
+/// How [`start_with_options`] runs the gateway beyond its [`Config`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StartOptions {
+    /// `serve --memory`: the hub in memory only, no store opened.
+    pub memory: bool,
+}
+
+/// How often the control plane expires pending commands (spec §7.4).
+const EXPIRY_PERIOD: Duration = Duration::from_secs(1);
+
+/// The hub `[hub]` asks for: durable in `<data_dir>/hub.redb`, or in
+/// memory with `memory`.
+pub fn open_hub(config: &Config, memory: bool) -> Result<MemoryHub, StoreError> {
+    if memory {
+        tracing::warn!("the hub is in memory only (--memory): nothing survives a restart");
+        return Ok(MemoryHub::new());
+    }
+    let settings = StoreSettings {
+        event_retention: config.hub.event_retention,
+        commit_interval: config.hub.commit_interval,
+        ..StoreSettings::default()
+    };
+    let hub = MemoryHub::open_with(&config.hub.data_dir, settings)?;
+    tracing::info!(
+        path = %config.hub.data_dir.join(crate::hub::store::FILE_NAME).display(),
+        "hub store opened"
+    );
+    Ok(hub)
+}
+
+/// Unix ns of the wall clock: the control plane is the IO side.
+#[allow(clippy::disallowed_methods)]
+fn wall_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// Creates the development PKI under `<data_dir>/pki` when the config uses
@@ -96,10 +136,12 @@ impl Gateway {
         self.runtime.shutdown();
     }
 
-    /// Waits until the shards stopped, then stops the control plane.
+    /// Waits until the shards stopped, then stops the control plane and
+    /// commits and closes the hub's store.
     pub fn join(self) {
         self.runtime.join();
         self.control.shutdown_timeout(Duration::from_secs(1));
+        self.hub.close();
     }
 }
 
@@ -150,7 +192,19 @@ pub fn start_with_shutdown(
     config: &Config,
     shutdown: Arc<AtomicBool>,
 ) -> Result<Gateway, ServeError> {
+    start_with_options(config, shutdown, StartOptions::default())
+}
+
+/// As [`start_with_shutdown`], with [`StartOptions`].
+pub fn start_with_options(
+    config: &Config,
+    shutdown: Arc<AtomicBool>,
+    options: StartOptions,
+) -> Result<Gateway, ServeError> {
     prepare_dev_pki(config)?;
+    // The hub first: it loads what the last run left (and marks its
+    // devices OFFLINE) before any device can connect.
+    let hub = Arc::new(open_hub(config, options.memory)?);
     let tls = if config.coap.tls.enabled {
         Some(tls::server_config(
             &tls_files(config),
@@ -223,7 +277,19 @@ pub fn start_with_shutdown(
         providers.push(Arc::new(external));
     }
 
-    let hub = Arc::new(MemoryHub::new());
+    // spec §7.4: pending commands whose valid_until passed are expired.
+    let expiring = Arc::downgrade(&hub);
+    control.spawn(async move {
+        let mut tick = tokio::time::interval(EXPIRY_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(hub) = expiring.upgrade() else {
+                return;
+            };
+            hub.expire_commands(wall_ns());
+        }
+    });
     let sender = SenderSlot::default();
     hub.set_connections(Arc::new(ShardConnections {
         sender: sender.clone(),

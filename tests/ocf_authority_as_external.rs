@@ -49,6 +49,8 @@ fn a_gateway_signs_devices_up_against_another_gateways_authority() {
 
     // Gateway B: no authority, A's keys and token endpoint.
     let mut config_b = gateway_config(&pki);
+    // Its own hub store: A's data dir is A's (one process per store).
+    config_b.hub.data_dir = pki.data_dir().join("gateway-b");
     config_b.authority.enabled = false;
     config_b.authorization.jwks_url = base.clone();
     config_b.authorization.issuer = config_a.authority_issuer();

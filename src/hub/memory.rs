@@ -2,15 +2,30 @@
 //! event subscribers of the embedded default. One lock for the whole
 //! state: each call is a few map operations.
 //!
+//! Opened with [`MemoryHub::open`] it is also durable: every change is
+//! journaled (a record per changed device, link, twin resource, command
+//! and event, see [`super::store`]) while the lock is held, so records
+//! reach the disk in the order of the changes. Reads never touch the disk.
+//! Calls that report a change to a user (`add_device`, `delete_device`,
+//! `submit_command`, `cancel_command`, `set_twin_enabled`) return once
+//! their records are committed; a command's outcome reaches its issuer
+//! once the records of the answer are; a command is handed to a
+//! connection only once its dispatch is committed (so that a restart
+//! knows which commands may have reached a device, spec §7.3).
+//!
 //! The hub stamps events with the wall clock: it is the record keeper,
 //! not protocol code.
 #![allow(clippy::disallowed_methods)]
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::{Deref, DerefMut};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
+use super::store::{Journal, Op, Store, StoreError, StoreSettings};
+use super::twin::{Content, Status};
 use super::{
     AuthContext, Command, CommandOutcome, CommandResult, CommandTicket, ConnectionRef,
     ConnectionStatus, Connections, DeviceRecord, Event, EventKind, Hub, HubError, HubMessage,
@@ -33,6 +48,9 @@ struct CommandEntry {
     dispatch: Dispatch,
     /// Where the issuer waits for the outcome.
     waiter: Option<flume::Sender<CommandOutcome>>,
+    /// Acceptance order over the hub, kept on disk so that a restart keeps
+    /// commands oldest first (spec §7.1).
+    order: u64,
 }
 
 #[derive(Debug)]
@@ -44,6 +62,8 @@ struct TwinResource {
 
 #[derive(Debug)]
 struct Device {
+    /// [`key`] of the device ID.
+    key: String,
     /// As the device first presented it.
     device_id: String,
     owner: String,
@@ -62,6 +82,7 @@ struct Device {
 impl Device {
     fn new(device_id: &str, owner: &str) -> Device {
         Device {
+            key: key(device_id),
             device_id: device_id.to_owned(),
             owner: owner.to_owned(),
             status: ConnectionStatus::default(),
@@ -90,6 +111,73 @@ impl Device {
     }
 }
 
+// -- journal records (no-ops without a store) --------------------------------
+
+fn put_device(journal: &mut Option<Journal>, device: &Device) {
+    if let Some(j) = journal {
+        j.push(Op::PutDevice {
+            key: device.key.clone(),
+            device: device.record(),
+        });
+    }
+}
+
+fn put_link(journal: &mut Option<Journal>, device_key: &str, link: &StoredLink) {
+    if let Some(j) = journal {
+        j.push(Op::PutLink {
+            key: device_key.to_owned(),
+            link: link.clone(),
+        });
+    }
+}
+
+fn delete_link(journal: &mut Option<Journal>, device_key: &str, href: &str) {
+    if let Some(j) = journal {
+        j.push(Op::DeleteLink {
+            key: device_key.to_owned(),
+            href: href.to_owned(),
+        });
+    }
+}
+
+fn put_resource(journal: &mut Option<Journal>, device_key: &str, state: &ResourceState) {
+    if let Some(j) = journal {
+        j.push(Op::PutResource {
+            key: device_key.to_owned(),
+            state: state.clone(),
+        });
+    }
+}
+
+fn delete_resource(journal: &mut Option<Journal>, device_key: &str, href: &str) {
+    if let Some(j) = journal {
+        j.push(Op::DeleteResource {
+            key: device_key.to_owned(),
+            href: href.to_owned(),
+        });
+    }
+}
+
+fn put_command(journal: &mut Option<Journal>, device_key: &str, entry: &CommandEntry) {
+    if let Some(j) = journal {
+        j.push(Op::PutCommand {
+            key: device_key.to_owned(),
+            order: entry.order,
+            sent: entry.dispatch != Dispatch::Pending,
+            command: entry.command.clone(),
+        });
+    }
+}
+
+fn delete_command(journal: &mut Option<Journal>, device_key: &str, correlation_id: &str) {
+    if let Some(j) = journal {
+        j.push(Op::DeleteCommand {
+            key: device_key.to_owned(),
+            correlation_id: correlation_id.to_owned(),
+        });
+    }
+}
+
 struct Subscriber {
     owner: String,
     tx: flume::Sender<Arc<Event>>,
@@ -101,6 +189,10 @@ struct State {
     devices: HashMap<String, Device>,
     subscribers: Vec<Subscriber>,
     next_seq: u64,
+    /// [`CommandEntry::order`] of the next accepted command.
+    next_order: u64,
+    /// Where changes are recorded, when the hub is durable.
+    journal: Option<Journal>,
 }
 
 impl State {
@@ -116,6 +208,9 @@ impl State {
             auth,
             kind,
         });
+        if let Some(j) = &mut self.journal {
+            j.push(Op::Event(event.clone()));
+        }
         self.subscribers.retain(|s| {
             s.owner != owner
                 || match s.tx.try_send(event.clone()) {
@@ -127,6 +222,60 @@ impl State {
                     Err(flume::TrySendError::Disconnected(_)) => false,
                 }
         });
+    }
+
+    /// Sends the outcome to the command's issuer, if it still waits: at
+    /// once in memory, after the commit of the records before it when
+    /// durable.
+    fn finish(&mut self, entry: CommandEntry, outcome: CommandOutcome) {
+        let Some(waiter) = entry.waiter else {
+            return;
+        };
+        match &mut self.journal {
+            Some(j) => j.push(Op::Notify(waiter, outcome)),
+            None => {
+                let _ = waiter.send(outcome);
+            }
+        }
+    }
+
+    /// Sends what was recorded to the store now, marked as awaited; the
+    /// seq to wait for (`None` in memory).
+    fn commit_point(&mut self) -> Option<u64> {
+        self.journal.as_mut().map(|j| {
+            j.urgent();
+            j.seal()
+        })
+    }
+
+    fn take_order(&mut self) -> u64 {
+        self.next_order += 1;
+        self.next_order
+    }
+}
+
+/// The locked state. Whatever a call recorded goes to the store when the
+/// lock is released, so that records keep the order of the changes.
+struct Locked<'a>(MutexGuard<'a, State>);
+
+impl Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.0
+    }
+}
+
+impl DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.0
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        if let Some(j) = &mut self.0.journal {
+            j.seal();
+        }
     }
 }
 
@@ -144,24 +293,23 @@ fn owner_ctx(owner: &str, device_id: &str) -> AuthContext {
     }
 }
 
-/// Sends the outcome to the command's issuer, if it still waits.
-fn finish(entry: CommandEntry, outcome: CommandOutcome) {
-    if let Some(waiter) = entry.waiter {
-        let _ = waiter.send(outcome);
-    }
-}
-
-/// The in-memory [`Hub`].
+/// The embedded [`Hub`]: in memory only ([`MemoryHub::new`]) or durable in
+/// a data directory ([`MemoryHub::open`]).
 #[derive(Default)]
 pub struct MemoryHub {
     state: Mutex<State>,
     connections: OnceLock<Arc<dyn Connections>>,
-    stats: HubStats,
+    stats: Arc<HubStats>,
+    /// Dropped after `state` (field order): the journal's last records
+    /// are queued before the store's stop.
+    store: Option<Store>,
 }
 
 impl std::fmt::Debug for MemoryHub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryHub").finish_non_exhaustive()
+        f.debug_struct("MemoryHub")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
     }
 }
 
@@ -174,8 +322,170 @@ fn key(device_id: &str) -> String {
 }
 
 impl MemoryHub {
+    /// A hub without disk: everything is lost with the process.
     pub fn new() -> MemoryHub {
         MemoryHub::default()
+    }
+
+    /// The durable hub in `dir` (created if missing) with the default
+    /// settings; see [`MemoryHub::open_with`].
+    pub fn open(dir: &Path) -> Result<MemoryHub, StoreError> {
+        MemoryHub::open_with(dir, StoreSettings::default())
+    }
+
+    /// The durable hub in `<dir>/hub.redb`: loads everything into memory,
+    /// then records the restart before it returns: devices that were
+    /// ONLINE are OFFLINE (their connections died with the process, spec
+    /// §8.2), and commands that were dispatched to such a connection but
+    /// not answered are answered UNAVAILABLE (the device may or may not
+    /// have received them; a command is sent at most once, spec §7.3).
+    /// Pending commands stay pending.
+    pub fn open_with(dir: &Path, settings: StoreSettings) -> Result<MemoryHub, StoreError> {
+        let stats = Arc::new(HubStats::default());
+        let (store, journal, loaded) = Store::open(dir, settings, stats.clone())?;
+        let mut state = State {
+            next_seq: loaded.last_event,
+            ..State::default()
+        };
+        for (k, record) in loaded.devices {
+            let mut device = Device::new(&record.device_id, &record.owner);
+            device.key.clone_from(&k);
+            device.status = record.status;
+            device.twin_sync = record.twin;
+            state.devices.insert(k, device);
+        }
+        for (k, link) in loaded.links {
+            if let Some(device) = state.devices.get_mut(&k) {
+                device.links.insert(link.href.clone(), link);
+            }
+        }
+        for (k, resource) in loaded.resources {
+            if let Some(device) = state.devices.get_mut(&k) {
+                device.twin.insert(
+                    resource.href.clone(),
+                    TwinResource {
+                        state: resource,
+                        last: None,
+                    },
+                );
+            }
+        }
+        let mut commands = loaded.commands;
+        commands.sort_by_key(|c| c.1);
+        state.next_order = commands.last().map_or(0, |c| c.1);
+        // From here on the restart is recorded.
+        state.journal = Some(journal);
+        let mut unanswered = Vec::new();
+        for (k, order, sent, command) in commands {
+            let Some(device) = state.devices.get_mut(&k) else {
+                continue;
+            };
+            if sent {
+                unanswered.push((device.owner.clone(), device.device_id.clone(), command));
+            } else {
+                device.commands.push(CommandEntry {
+                    command,
+                    dispatch: Dispatch::Pending,
+                    waiter: None,
+                    order,
+                });
+            }
+        }
+        // spec §7.3: dispatched to a connection of the process that died,
+        // never answered: UNAVAILABLE, never sent again.
+        for (owner, device_id, command) in unanswered {
+            let k = key(&device_id);
+            delete_command(&mut state.journal, &k, &command.correlation_id);
+            let kind = EventKind::CommandAnswered {
+                correlation_id: command.correlation_id.clone(),
+                href: command.href.clone(),
+                operation: command.kind.operation(),
+                status: Status::Unavailable,
+                content: Content::none(),
+            };
+            state.emit(&owner, &device_id, owner_ctx(&owner, &device_id), kind);
+            stats.count_answer(Status::Unavailable);
+        }
+        // spec §8.2: the connections died with the process.
+        let mut online: Vec<String> = state
+            .devices
+            .values()
+            .filter(|d| d.status.online)
+            .map(|d| d.key.clone())
+            .collect();
+        online.sort();
+        for k in online {
+            let st = &mut state;
+            let Some(device) = st.devices.get_mut(&k) else {
+                continue;
+            };
+            device.status.online = false;
+            put_device(&mut st.journal, device);
+            let (owner, id) = (device.owner.clone(), device.device_id.clone());
+            st.emit(&owner, &id, owner_ctx(&owner, &id), EventKind::Offline);
+        }
+        let point = state.commit_point();
+        let hub = MemoryHub {
+            state: Mutex::new(state),
+            connections: OnceLock::new(),
+            stats,
+            store: Some(store),
+        };
+        hub.wait(point).map_err(|e| StoreError::Commit {
+            path: hub
+                .store
+                .as_ref()
+                .map(|s| s.path().to_owned())
+                .unwrap_or_default(),
+            message: e.to_string(),
+        })?;
+        Ok(hub)
+    }
+
+    /// Whether changes are kept on disk.
+    pub fn is_durable(&self) -> bool {
+        self.store.is_some()
+    }
+
+    /// Waits until every change made so far is committed.
+    pub fn flush(&self) -> Result<(), HubError> {
+        let point = self.state().commit_point();
+        self.wait(point)
+    }
+
+    /// Commits every change made so far and stops the store: later changes
+    /// stay in memory only (the calls that wait for a commit answer
+    /// [`HubError::Unavailable`]). For shutdown; a no-op in memory.
+    pub fn close(&self) {
+        if let Some(store) = &self.store {
+            if let Err(e) = self.flush() {
+                tracing::error!("the hub store could not commit its last changes: {e}");
+            }
+            store.close();
+        }
+    }
+
+    /// Drops the hub as a killed process would: records not yet committed
+    /// are lost. For crash tests.
+    pub fn abandon(self) {
+        if let Some(store) = &self.store {
+            store.abandon();
+        }
+    }
+
+    /// The event log of `owner` with seq above `after`, oldest first, at
+    /// most `limit`: committed events within `[hub] event_retention`.
+    /// Empty for a hub without disk.
+    pub fn events_after(
+        &self,
+        owner: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>, HubError> {
+        match &self.store {
+            Some(store) => store.events_after(owner, after, limit),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// How the hub reaches device connections; set once, after the
@@ -187,16 +497,26 @@ impl MemoryHub {
         }
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
+    fn state(&self) -> Locked<'_> {
         // A panic while holding the lock cannot leave a map half-updated in
         // a way later calls would misread (each call is one map operation),
         // so a poisoned lock is taken over rather than spreading the panic.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        Locked(
+            self.state
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
     }
 
-    fn close(&self, connection: ConnectionRef, reason: &str) {
+    /// Waits for a commit point of [`State::commit_point`].
+    fn wait(&self, point: Option<u64>) -> Result<(), HubError> {
+        match (point, &self.store) {
+            (Some(seq), Some(store)) => store.wait(seq),
+            _ => Ok(()),
+        }
+    }
+
+    fn close_connection(&self, connection: ConnectionRef, reason: &str) {
         if let Some(connections) = self.connections.get() {
             connections.close(connection, reason);
         }
@@ -209,44 +529,64 @@ impl MemoryHub {
         }
     }
 
-    /// A command the session could not be handed: pending again.
+    /// A command the session could not be handed: pending again. Waits
+    /// for the record, so that the caller reports a pending command that a
+    /// restart still finds pending.
     fn undispatch(&self, device_id: &str, correlation_id: &str, connection: ConnectionRef) {
-        let mut state = self.state();
-        if let Some(device) = state.devices.get_mut(&key(device_id)) {
-            for entry in &mut device.commands {
-                if entry.command.correlation_id == correlation_id
-                    && entry.dispatch == Dispatch::Sent(connection)
-                {
-                    entry.dispatch = Dispatch::Pending;
+        let point = {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            if let Some(device) = st.devices.get_mut(&key(device_id)) {
+                for entry in &mut device.commands {
+                    if entry.command.correlation_id == correlation_id
+                        && entry.dispatch == Dispatch::Sent(connection)
+                    {
+                        entry.dispatch = Dispatch::Pending;
+                        put_command(&mut st.journal, &device.key, entry);
+                    }
                 }
             }
+            st.commit_point()
+        };
+        if let Err(e) = self.wait(point) {
+            // Still pending in memory; a restart reports it UNAVAILABLE
+            // (it may have been sent, as far as the disk knows).
+            tracing::warn!(
+                correlation_id,
+                "a command back to pending is not recorded: {e}"
+            );
         }
     }
 }
 
 impl Hub for MemoryHub {
     fn add_device(&self, ctx: &AuthContext) -> Result<(), HubError> {
-        let mut state = self.state();
-        let k = key(&ctx.device_id);
-        if let Some(device) = state.devices.get(&k) {
-            if device.owner != ctx.owner {
-                return Err(HubError::PermissionDenied(format!(
-                    "device {} belongs to another owner",
-                    ctx.device_id
-                )));
+        let point = {
+            let mut state = self.state();
+            let k = key(&ctx.device_id);
+            if let Some(device) = state.devices.get(&k) {
+                if device.owner != ctx.owner {
+                    return Err(HubError::PermissionDenied(format!(
+                        "device {} belongs to another owner",
+                        ctx.device_id
+                    )));
+                }
+            } else {
+                let device = Device::new(&ctx.device_id, &ctx.owner);
+                put_device(&mut state.journal, &device);
+                state.devices.insert(k, device);
+                state.emit(
+                    &ctx.owner,
+                    &ctx.device_id,
+                    ctx.clone(),
+                    EventKind::DeviceRegistered,
+                );
             }
-            return Ok(());
-        }
-        state
-            .devices
-            .insert(k, Device::new(&ctx.device_id, &ctx.owner));
-        state.emit(
-            &ctx.owner,
-            &ctx.device_id,
-            ctx.clone(),
-            EventKind::DeviceRegistered,
-        );
-        Ok(())
+            // Also for a device registered already: its record may still
+            // be on its way to the disk.
+            state.commit_point()
+        };
+        self.wait(point)
     }
 
     fn owns(&self, owner: &str, device_id: &str) -> bool {
@@ -257,33 +597,35 @@ impl Hub for MemoryHub {
     }
 
     fn delete_device(&self, owner: &str, device_id: &str) -> Result<(), HubError> {
-        let removed = {
+        let (removed, point) = {
             let mut state = self.state();
             let k = key(device_id);
             let removed = match state.devices.get(&k) {
                 Some(d) if d.owner == owner => state.devices.remove(&k),
                 _ => None,
             };
-            if let Some(device) = &removed {
-                state.emit(
-                    owner,
-                    &device.device_id,
-                    owner_ctx(owner, &device.device_id),
-                    EventKind::DeviceDeleted,
-                );
+            let Some(mut device) = removed else {
+                return Err(HubError::NotFound(format!("device {device_id} not found")));
+            };
+            if let Some(j) = &mut state.journal {
+                j.push(Op::DeleteDevice { key: k });
             }
-            removed
+            state.emit(
+                owner,
+                &device.device_id,
+                owner_ctx(owner, &device.device_id),
+                EventKind::DeviceDeleted,
+            );
+            for entry in device.commands.drain(..) {
+                state.finish(entry, CommandOutcome::DeviceDeleted);
+            }
+            (device, state.commit_point())
         };
-        let Some(mut device) = removed else {
-            return Err(HubError::NotFound(format!("device {device_id} not found")));
-        };
-        for entry in device.commands.drain(..) {
-            finish(entry, CommandOutcome::DeviceDeleted);
+        // spec §4.9: the device's connection goes, durable or not.
+        if let Some(connection) = removed.connection {
+            self.close_connection(connection, "device deleted");
         }
-        if let Some(connection) = device.connection {
-            self.close(connection, "device deleted");
-        }
-        Ok(())
+        self.wait(point)
     }
 
     fn publish(&self, ctx: &AuthContext, links: Vec<StoredLink>) -> Result<(), HubError> {
@@ -293,8 +635,9 @@ impl Hub for MemoryHub {
                 bad.href
             )));
         }
-        let mut state = self.state();
-        let device = state
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let device = st
             .devices
             .get_mut(&key(&ctx.device_id))
             .filter(|d| d.owner == ctx.owner)
@@ -303,10 +646,11 @@ impl Hub for MemoryHub {
             })?;
         let hrefs: Vec<String> = links.iter().map(|l| l.href.clone()).collect();
         for link in links {
+            put_link(&mut st.journal, &device.key, &link);
             device.links.insert(link.href.clone(), link);
         }
         let device_id = device.device_id.clone();
-        state.emit(
+        st.emit(
             &ctx.owner,
             &device_id,
             ctx.clone(),
@@ -321,16 +665,24 @@ impl Hub for MemoryHub {
         instance_ids: &[i64],
         now_unix: u64,
     ) -> Result<Vec<String>, HubError> {
-        let mut state = self.state();
-        let device = state
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let device = st
             .devices
             .get_mut(&key(&ctx.device_id))
             .filter(|d| d.owner == ctx.owner)
             .ok_or_else(|| HubError::NotFound(format!("device {} not found", ctx.device_id)))?;
         // Expired links are gone already; they do not count as unpublished.
-        device
+        let expired: Vec<String> = device
             .links
-            .retain(|_, l| l.valid_until.is_none_or(|t| t > now_unix));
+            .values()
+            .filter(|l| l.valid_until.is_some_and(|t| t <= now_unix))
+            .map(|l| l.href.clone())
+            .collect();
+        for href in &expired {
+            device.links.remove(href);
+            delete_link(&mut st.journal, &device.key, href);
+        }
         let removed: Vec<String> = device
             .links
             .values()
@@ -342,11 +694,14 @@ impl Hub for MemoryHub {
         }
         for href in &removed {
             device.links.remove(href);
+            delete_link(&mut st.journal, &device.key, href);
             // An unpublished resource leaves the twin.
-            device.twin.remove(href);
+            if device.twin.remove(href).is_some() {
+                delete_resource(&mut st.journal, &device.key, href);
+            }
         }
         let device_id = device.device_id.clone();
-        state.emit(
+        st.emit(
             &ctx.owner,
             &device_id,
             ctx.clone(),
@@ -399,10 +754,11 @@ impl Hub for MemoryHub {
 
     fn set_online(&self, ctx: &AuthContext, online: Online) -> Result<Replaced, HubError> {
         let replaced = {
-            let mut state = self.state();
+            let mut guard = self.state();
+            let st = &mut *guard;
             // Only a registered device goes online: a device deleted
             // between the ownership check and here stays deleted.
-            let device = state
+            let device = st
                 .devices
                 .get_mut(&key(&ctx.device_id))
                 .filter(|d| d.owner == ctx.owner)
@@ -433,29 +789,33 @@ impl Hub for MemoryHub {
             } else {
                 TwinState::Disabled
             };
+            put_device(&mut st.journal, device);
             let device_id = device.device_id.clone();
-            state.emit(&ctx.owner, &device_id, ctx.clone(), event);
+            st.emit(&ctx.owner, &device_id, ctx.clone(), event);
             previous
         };
         // spec §14 item 13: one connection per device; the newer wins.
         if let Some(older) = replaced {
-            self.close(older, "the device signed in on another connection");
+            self.close_connection(older, "the device signed in on another connection");
         }
         Ok(Replaced(replaced))
     }
 
     fn set_local_endpoints(&self, device_id: &str, connection: ConnectionRef, eps: Vec<String>) {
-        let mut state = self.state();
-        if let Some(device) = state.devices.get_mut(&key(device_id)) {
-            if device.is_current(connection) {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        if let Some(device) = st.devices.get_mut(&key(device_id)) {
+            if device.is_current(connection) && device.status.local_endpoints != eps {
                 device.status.local_endpoints = eps;
+                put_device(&mut st.journal, device);
             }
         }
     }
 
     fn set_offline(&self, device_id: &str, connection: ConnectionRef) {
-        let mut state = self.state();
-        let Some(device) = state.devices.get_mut(&key(device_id)) else {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let Some(device) = st.devices.get_mut(&key(device_id)) else {
             return;
         };
         // Commands handed to this connection that its session never saw
@@ -465,13 +825,15 @@ impl Hub for MemoryHub {
         for entry in &mut device.commands {
             if entry.dispatch == Dispatch::Sent(connection) {
                 entry.dispatch = Dispatch::Pending;
+                put_command(&mut st.journal, &device.key, entry);
             }
         }
         if device.is_current(connection) {
             device.connection = None;
             device.status.online = false;
+            put_device(&mut st.journal, device);
             let (owner, id) = (device.owner.clone(), device.device_id.clone());
-            state.emit(&owner, &id, owner_ctx(&owner, &id), EventKind::Offline);
+            st.emit(&owner, &id, owner_ctx(&owner, &id), EventKind::Offline);
         }
     }
 
@@ -503,8 +865,9 @@ impl Hub for MemoryHub {
     }
 
     fn set_twin_state(&self, ctx: &AuthContext, connection: ConnectionRef, twin: TwinState) {
-        let mut state = self.state();
-        let Some(device) = state
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let Some(device) = st
             .devices
             .get_mut(&key(&ctx.device_id))
             .filter(|d| d.owner == ctx.owner && d.is_current(connection))
@@ -520,8 +883,9 @@ impl Hub for MemoryHub {
             TwinState::InSync => device.twin_sync.in_sync_at_ns = now_ns(),
             _ => {}
         }
+        put_device(&mut st.journal, device);
         let id = device.device_id.clone();
-        state.emit(
+        st.emit(
             &ctx.owner,
             &id,
             ctx.clone(),
@@ -553,8 +917,9 @@ impl Hub for MemoryHub {
         connection: ConnectionRef,
         changes: Vec<ResourceChange>,
     ) -> Result<(), HubError> {
-        let mut state = self.state();
-        let device = state
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let device = st
             .devices
             .get_mut(&key(&ctx.device_id))
             .filter(|d| d.owner == ctx.owner)
@@ -617,6 +982,7 @@ impl Hub for MemoryHub {
             if kept {
                 self.stats.twin_updates.fetch_add(1, Ordering::Relaxed);
                 let r = &device.twin[&change.href].state;
+                put_resource(&mut st.journal, &device.key, r);
                 events.push(EventKind::ResourceChanged {
                     href: r.href.clone(),
                     status: r.status,
@@ -628,7 +994,7 @@ impl Hub for MemoryHub {
         }
         let id = device.device_id.clone();
         for event in events {
-            state.emit(&ctx.owner, &id, ctx.clone(), event);
+            st.emit(&ctx.owner, &id, ctx.clone(), event);
         }
         Ok(())
     }
@@ -639,51 +1005,72 @@ impl Hub for MemoryHub {
         connection: ConnectionRef,
         now_ns: u64,
     ) -> Vec<Command> {
-        let mut state = self.state();
-        let Some(device) = state
-            .devices
-            .get_mut(&key(&ctx.device_id))
-            .filter(|d| d.owner == ctx.owner && d.is_current(connection))
-        else {
-            return Vec::new();
-        };
-        let mut expired = Vec::new();
-        let mut taken = Vec::new();
-        let mut kept = Vec::with_capacity(device.commands.len());
-        for mut entry in device.commands.drain(..) {
-            if entry.dispatch != Dispatch::Pending {
-                kept.push(entry);
-            } else if entry.command.expired(now_ns) {
-                expired.push(entry);
-            } else if entry.command.href == "/plgd/s"
-                || device.links.contains_key(&entry.command.href)
-            {
-                entry.dispatch = Dispatch::Sent(connection);
-                taken.push(entry.command.clone());
-                kept.push(entry);
-            } else {
-                kept.push(entry);
-            }
-        }
-        device.commands = kept;
-        let id = device.device_id.clone();
-        for entry in expired {
-            let c = &entry.command;
-            let kind = EventKind::CommandExpired {
-                correlation_id: c.correlation_id.clone(),
-                href: c.href.clone(),
-                operation: c.kind.operation(),
+        let (taken, point) = {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            let Some(device) = st
+                .devices
+                .get_mut(&key(&ctx.device_id))
+                .filter(|d| d.owner == ctx.owner && d.is_current(connection))
+            else {
+                return Vec::new();
             };
-            state.emit(&ctx.owner, &id, ctx.clone(), kind);
-            self.stats.commands_expired.fetch_add(1, Ordering::Relaxed);
-            finish(entry, CommandOutcome::Expired);
+            let mut expired = Vec::new();
+            let mut taken = Vec::new();
+            let mut kept = Vec::with_capacity(device.commands.len());
+            for mut entry in device.commands.drain(..) {
+                if entry.dispatch != Dispatch::Pending {
+                    kept.push(entry);
+                } else if entry.command.expired(now_ns) {
+                    delete_command(&mut st.journal, &device.key, &entry.command.correlation_id);
+                    expired.push(entry);
+                } else if entry.command.href == "/plgd/s"
+                    || device.links.contains_key(&entry.command.href)
+                {
+                    entry.dispatch = Dispatch::Sent(connection);
+                    put_command(&mut st.journal, &device.key, &entry);
+                    taken.push(entry.command.clone());
+                    kept.push(entry);
+                } else {
+                    kept.push(entry);
+                }
+            }
+            device.commands = kept;
+            let id = device.device_id.clone();
+            for entry in expired {
+                let c = &entry.command;
+                let kind = EventKind::CommandExpired {
+                    correlation_id: c.correlation_id.clone(),
+                    href: c.href.clone(),
+                    operation: c.kind.operation(),
+                };
+                st.emit(&ctx.owner, &id, ctx.clone(), kind);
+                self.stats.commands_expired.fetch_add(1, Ordering::Relaxed);
+                st.finish(entry, CommandOutcome::Expired);
+            }
+            // The dispatch must be on disk before the session may send the
+            // commands: a restart reports a dispatched, unanswered command
+            // UNAVAILABLE instead of sending it twice (spec §7.3).
+            let point = if taken.is_empty() {
+                None
+            } else {
+                st.commit_point()
+            };
+            (taken, point)
+        };
+        if let Err(e) = self.wait(point) {
+            tracing::error!(device_id = %ctx.device_id, "pending commands stay pending: {e}");
+            let ids: Vec<String> = taken.into_iter().map(|c| c.correlation_id).collect();
+            self.return_commands(&ctx.device_id, connection, &ids);
+            return Vec::new();
         }
         taken
     }
 
     fn command_result(&self, ctx: &AuthContext, connection: ConnectionRef, result: CommandResult) {
-        let mut state = self.state();
-        let Some(device) = state
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let Some(device) = st
             .devices
             .get_mut(&key(&ctx.device_id))
             .filter(|d| d.owner == ctx.owner)
@@ -698,6 +1085,7 @@ impl Hub for MemoryHub {
             return;
         };
         let entry = device.commands.remove(at);
+        delete_command(&mut st.journal, &device.key, &result.correlation_id);
         let id = device.device_id.clone();
         let kind = EventKind::CommandAnswered {
             correlation_id: result.correlation_id.clone(),
@@ -706,9 +1094,9 @@ impl Hub for MemoryHub {
             status: result.status,
             content: result.content.clone(),
         };
-        state.emit(&ctx.owner, &id, ctx.clone(), kind);
+        st.emit(&ctx.owner, &id, ctx.clone(), kind);
         self.stats.count_answer(result.status);
-        finish(entry, CommandOutcome::Answered(result));
+        st.finish(entry, CommandOutcome::Answered(result));
     }
 
     fn return_commands(
@@ -717,13 +1105,15 @@ impl Hub for MemoryHub {
         connection: ConnectionRef,
         correlation_ids: &[String],
     ) {
-        let mut state = self.state();
-        if let Some(device) = state.devices.get_mut(&key(device_id)) {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        if let Some(device) = st.devices.get_mut(&key(device_id)) {
             for entry in &mut device.commands {
                 if entry.dispatch == Dispatch::Sent(connection)
                     && correlation_ids.contains(&entry.command.correlation_id)
                 {
                     entry.dispatch = Dispatch::Pending;
+                    put_command(&mut st.journal, &device.key, entry);
                 }
             }
         }
@@ -768,9 +1158,11 @@ impl Hub for MemoryHub {
     fn submit_command(&self, owner: &str, mut command: Command) -> Result<CommandTicket, HubError> {
         let (tx, rx) = flume::bounded(1);
         let correlation_id = command.correlation_id.clone();
-        let connection = {
-            let mut state = self.state();
-            let device = state
+        let (connection, order, point) = {
+            let mut guard = self.state();
+            let order = guard.take_order();
+            let st = &mut *guard;
+            let device = st
                 .devices
                 .get_mut(&key(&command.device_id))
                 .filter(|d| d.owner == owner)
@@ -793,11 +1185,14 @@ impl Hub for MemoryHub {
                 .commands_submitted
                 .fetch_add(1, Ordering::Relaxed);
             let connection = device.connection;
-            device.commands.push(CommandEntry {
+            let entry = CommandEntry {
                 command: command.clone(),
                 dispatch: connection.map_or(Dispatch::Pending, Dispatch::Sent),
                 waiter: Some(tx),
-            });
+                order,
+            };
+            put_command(&mut st.journal, &device.key, &entry);
+            device.commands.push(entry);
             let kind = EventKind::CommandPending {
                 correlation_id: command.correlation_id.clone(),
                 href: command.href.clone(),
@@ -805,10 +1200,16 @@ impl Hub for MemoryHub {
                 valid_until_ns: command.valid_until_ns,
             };
             let id = device.device_id.clone();
-            state.emit(owner, &id, owner_ctx(owner, &id), kind);
-            connection
+            st.emit(owner, &id, owner_ctx(owner, &id), kind);
+            (connection, order, st.commit_point())
         };
         let device_id = command.device_id.clone();
+        // The command (and its dispatch, spec §7.3) is on disk before it is
+        // accepted or handed to the connection.
+        if let Err(e) = self.wait(point) {
+            self.withdraw(&device_id, &correlation_id, order);
+            return Err(e);
+        }
         let pending = match connection {
             Some(c) => match self.deliver(c, HubMessage::Command(Box::new(command))) {
                 Ok(()) => false,
@@ -844,33 +1245,40 @@ impl Hub for MemoryHub {
         device_id: &str,
         correlation_id: &str,
     ) -> Result<(), HubError> {
-        let mut state = self.state();
-        let device = state
-            .devices
-            .get_mut(&key(device_id))
-            .filter(|d| d.owner == owner)
-            .ok_or_else(|| HubError::NotFound(format!("device {device_id} not found")))?;
-        let at = device
-            .commands
-            .iter()
-            .position(|e| e.command.correlation_id == correlation_id)
-            .ok_or_else(|| HubError::NotFound(format!("no pending command {correlation_id}")))?;
-        if device.commands[at].dispatch != Dispatch::Pending {
-            return Err(HubError::InvalidArgument(format!(
-                "command {correlation_id} was sent to the device already"
-            )));
-        }
-        let entry = device.commands.remove(at);
-        let id = device.device_id.clone();
-        let kind = EventKind::CommandCanceled {
-            correlation_id: correlation_id.to_owned(),
-            href: entry.command.href.clone(),
-            operation: entry.command.kind.operation(),
+        let point = {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            let device = st
+                .devices
+                .get_mut(&key(device_id))
+                .filter(|d| d.owner == owner)
+                .ok_or_else(|| HubError::NotFound(format!("device {device_id} not found")))?;
+            let at = device
+                .commands
+                .iter()
+                .position(|e| e.command.correlation_id == correlation_id)
+                .ok_or_else(|| {
+                    HubError::NotFound(format!("no pending command {correlation_id}"))
+                })?;
+            if device.commands[at].dispatch != Dispatch::Pending {
+                return Err(HubError::InvalidArgument(format!(
+                    "command {correlation_id} was sent to the device already"
+                )));
+            }
+            let entry = device.commands.remove(at);
+            delete_command(&mut st.journal, &device.key, correlation_id);
+            let id = device.device_id.clone();
+            let kind = EventKind::CommandCanceled {
+                correlation_id: correlation_id.to_owned(),
+                href: entry.command.href.clone(),
+                operation: entry.command.kind.operation(),
+            };
+            st.emit(owner, &id, owner_ctx(owner, &id), kind);
+            self.stats.commands_canceled.fetch_add(1, Ordering::Relaxed);
+            st.finish(entry, CommandOutcome::Canceled);
+            st.commit_point()
         };
-        state.emit(owner, &id, owner_ctx(owner, &id), kind);
-        self.stats.commands_canceled.fetch_add(1, Ordering::Relaxed);
-        finish(entry, CommandOutcome::Canceled);
-        Ok(())
+        self.wait(point)
     }
 
     fn set_twin_enabled(
@@ -880,9 +1288,10 @@ impl Hub for MemoryHub {
         enabled: bool,
         force: bool,
     ) -> Result<(), HubError> {
-        let connection = {
-            let mut state = self.state();
-            let device = state
+        let (connection, point) = {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            let device = st
                 .devices
                 .get_mut(&key(device_id))
                 .filter(|d| d.owner == owner)
@@ -895,19 +1304,22 @@ impl Hub for MemoryHub {
                 } else {
                     TwinState::Disabled
                 };
+                put_device(&mut st.journal, device);
             }
             let connection = device.connection;
             let id = device.device_id.clone();
             if changed {
-                state.emit(
+                st.emit(
                     owner,
                     &id,
                     owner_ctx(owner, &id),
                     EventKind::TwinEnabledChanged { enabled },
                 );
             }
-            connection.filter(|_| changed || force)
+            (connection.filter(|_| changed || force), st.commit_point())
         };
+        // Durable before the session acts on it.
+        self.wait(point)?;
         if let Some(c) = connection {
             if self
                 .deliver(c, HubMessage::Twin { enabled, force })
@@ -915,16 +1327,17 @@ impl Hub for MemoryHub {
             {
                 // The session cannot be told: it reconnects with the new
                 // setting, so close it.
-                self.close(c, "cannot deliver a twin setting to the connection");
+                self.close_connection(c, "cannot deliver a twin setting to the connection");
             }
         }
         Ok(())
     }
 
     fn expire_commands(&self, now_ns: u64) {
-        let mut state = self.state();
+        let mut guard = self.state();
+        let st = &mut *guard;
         let mut expired = Vec::new();
-        for device in state.devices.values_mut() {
+        for device in st.devices.values_mut() {
             if !device
                 .commands
                 .iter()
@@ -938,6 +1351,7 @@ impl Hub for MemoryHub {
                 .partition(|e| e.dispatch == Dispatch::Pending && e.command.expired(now_ns));
             device.commands = kept;
             for entry in gone {
+                delete_command(&mut st.journal, &device.key, &entry.command.correlation_id);
                 expired.push((device.owner.clone(), device.device_id.clone(), entry));
             }
         }
@@ -948,9 +1362,9 @@ impl Hub for MemoryHub {
                 href: c.href.clone(),
                 operation: c.kind.operation(),
             };
-            state.emit(&owner, &id, owner_ctx(&owner, &id), kind);
+            st.emit(&owner, &id, owner_ctx(&owner, &id), kind);
             self.stats.commands_expired.fetch_add(1, Ordering::Relaxed);
-            finish(entry, CommandOutcome::Expired);
+            st.finish(entry, CommandOutcome::Expired);
         }
     }
 
@@ -973,6 +1387,25 @@ impl Hub for MemoryHub {
             tx,
         });
         rx
+    }
+}
+
+impl MemoryHub {
+    /// A command whose acceptance could not be recorded: taken back, as if
+    /// never submitted (its issuer is told [`HubError::Unavailable`]).
+    fn withdraw(&self, device_id: &str, correlation_id: &str, order: u64) {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        if let Some(device) = st.devices.get_mut(&key(device_id)) {
+            if let Some(at) = device
+                .commands
+                .iter()
+                .position(|e| e.order == order && e.command.correlation_id == correlation_id)
+            {
+                device.commands.remove(at);
+                delete_command(&mut st.journal, &device.key, correlation_id);
+            }
+        }
     }
 }
 

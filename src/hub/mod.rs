@@ -16,6 +16,7 @@ pub mod command;
 pub mod event;
 pub mod memory;
 pub mod stats;
+pub mod store;
 pub mod twin;
 
 use std::borrow::Cow;
@@ -27,6 +28,7 @@ pub use command::{Command, CommandKind, CommandOutcome, CommandResult, CommandTi
 pub use event::{Event, EventKind};
 pub use memory::MemoryHub;
 pub use stats::HubStats;
+pub use store::{StoreError, StoreSettings};
 pub use twin::{Content, Operation, ResourceChange, ResourceState, Status, TwinState, TwinSync};
 
 /// Who acts: the authorization context of a connection (spec §4.6), carried

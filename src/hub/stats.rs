@@ -42,6 +42,13 @@ pub struct HubStats {
     /// Commands whose connection's queue was full (or gone) when the hub
     /// handed them over: they stayed pending.
     pub queue_full: AtomicU64,
+    /// Write transactions the embedded hub's store committed (group
+    /// commits: each holds many records).
+    pub store_commits: AtomicU64,
+    /// Records (device, link, twin, command, event) those commits wrote.
+    pub store_records: AtomicU64,
+    /// Commits that failed (their changes are in memory only).
+    pub store_errors: AtomicU64,
 }
 
 impl HubStats {

@@ -1,0 +1,1455 @@
+//! The embedded hub's disk (ARCHITECTURE.md: "embedded (default:
+//! in-process, redb on disk)"): every change [`super::MemoryHub`] makes
+//! in memory is also a small record, written to one redb file by a
+//! persister thread in group commits (one write transaction for the
+//! records of a few milliseconds). Records are encoded with rkyv and read
+//! back zero-copy on open.
+//!
+//! Memory stays the source of reads; the file is what a restart loads.
+//! Callers that report a change to a user wait for the commit that holds
+//! it ([`Store::wait`]); device-side changes do not (a crash loses at most
+//! the last commit interval of them, and the device resyncs its twin on
+//! its next sign-in, spec §6.5).
+//!
+//! The persister is the IO side: it times its group commits with the
+//! monotonic clock.
+#![allow(clippy::disallowed_methods)]
+
+use std::collections::VecDeque;
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+
+use super::stats::{HubStats, STATUSES};
+use super::twin::{Content, Operation, ResourceState, Status, TwinState, TwinSync};
+use super::{
+    AuthContext, Command, CommandKind, CommandOutcome, ConnectionStatus, DeviceRecord, Event,
+    EventKind, HubError, Protocol, StoredLink,
+};
+use crate::ocf::rd::Policy;
+
+/// The file in the data directory.
+pub const FILE_NAME: &str = "hub.redb";
+
+/// Bumped when a record's layout changes: an older file is refused rather
+/// than misread.
+const FORMAT: u64 = 1;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Device key → [`DeviceRec`].
+const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+/// (device key, href) → [`LinkRec`].
+const LINKS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("links");
+/// (device key, href) → [`ResourceRec`].
+const RESOURCES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("resources");
+/// (device key, correlation ID) → [`CommandRec`].
+const COMMANDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("commands");
+/// Event seq → [`EventRec`].
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+
+/// How long an API caller waits for its commit before it is told the hub
+/// is unavailable (a stuck disk must not hang the API for ever).
+const WAIT_LIMIT: Duration = Duration::from_secs(10);
+
+/// Failed commit ranges remembered for waiters that have not looked yet.
+const FAILED_KEPT: usize = 1024;
+
+/// `[hub]` settings of the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreSettings {
+    /// Events kept in the log; older ones are pruned.
+    pub event_retention: u64,
+    /// How long the persister collects records before it commits them.
+    pub commit_interval: Duration,
+    /// A commit holds at most this many of the hub's call batches.
+    pub max_batch: usize,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings {
+            event_retention: 100_000,
+            commit_interval: Duration::from_millis(2),
+            max_batch: 4096,
+        }
+    }
+}
+
+/// Why the store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the data directory {}: {source}", path.display())]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the hub store {} is already in use by another gateway process", path.display())]
+    InUse { path: PathBuf },
+    #[error("cannot open the hub store {}: {message}", path.display())]
+    Open { path: PathBuf, message: String },
+    #[error("the hub store {} cannot be read: {message}", path.display())]
+    Corrupt { path: PathBuf, message: String },
+    #[error("the hub store {} could not record the restart: {message}", path.display())]
+    Commit { path: PathBuf, message: String },
+}
+
+/// One change to persist, in the order the hub made it.
+pub(crate) enum Op {
+    PutDevice {
+        key: String,
+        device: DeviceRecord,
+    },
+    /// The device with its links, twin and commands.
+    DeleteDevice {
+        key: String,
+    },
+    PutLink {
+        key: String,
+        link: StoredLink,
+    },
+    DeleteLink {
+        key: String,
+        href: String,
+    },
+    PutResource {
+        key: String,
+        state: ResourceState,
+    },
+    DeleteResource {
+        key: String,
+        href: String,
+    },
+    PutCommand {
+        key: String,
+        order: u64,
+        /// Handed to a connection (dispatched), not only pending.
+        sent: bool,
+        command: Command,
+    },
+    DeleteCommand {
+        key: String,
+        correlation_id: String,
+    },
+    Event(Arc<Event>),
+    /// A command's outcome, handed to its issuer once the records before
+    /// it are committed (so an answer the API reports is durable).
+    Notify(flume::Sender<CommandOutcome>, CommandOutcome),
+}
+
+impl Op {
+    /// Whether the op writes to the file (a notification does not).
+    fn is_record(&self) -> bool {
+        !matches!(self, Op::Notify(..))
+    }
+}
+
+enum Msg {
+    Batch {
+        seq: u64,
+        ops: Vec<Op>,
+        /// A caller waits: commit without collecting for the interval.
+        urgent: bool,
+    },
+    /// Commit what came before, then stop.
+    Stop,
+    /// Stop without committing (see [`Store::abandon`]).
+    Abandon,
+}
+
+/// Where the hub queues records: the producer side of the persister,
+/// kept in the hub's state so that records go out in the order of the
+/// changes (under the state lock).
+pub(crate) struct Journal {
+    ops: Vec<Op>,
+    tx: flume::Sender<Msg>,
+    /// The seq of the last batch sent.
+    seq: u64,
+    urgent: bool,
+}
+
+impl Journal {
+    pub(crate) fn push(&mut self, op: Op) {
+        self.ops.push(op);
+    }
+
+    /// Marks the current batch as one a caller will wait for.
+    pub(crate) fn urgent(&mut self) {
+        self.urgent = true;
+    }
+
+    /// Sends the records collected so far to the persister and returns
+    /// the seq to wait for: the last batch's when nothing new was
+    /// recorded.
+    pub(crate) fn seal(&mut self) -> u64 {
+        // An awaited seal with nothing new still goes out: it makes the
+        // persister commit what it collected so far.
+        if !self.ops.is_empty() || self.urgent {
+            self.seq += 1;
+            let ops = std::mem::take(&mut self.ops);
+            let msg = Msg::Batch {
+                seq: self.seq,
+                ops,
+                urgent: self.urgent,
+            };
+            if self.tx.send(msg).is_err() {
+                // The persister stopped (closed store): waiters learn it
+                // from the progress's `stopped`.
+                tracing::error!("the hub store is closed; a change was not recorded");
+            }
+        }
+        self.urgent = false;
+        self.seq
+    }
+}
+
+#[derive(Default)]
+struct Progress {
+    /// Every batch up to this seq was committed or failed.
+    done: u64,
+    /// Seq ranges (inclusive) whose commit failed.
+    failed: VecDeque<(u64, u64)>,
+    /// The persister is gone.
+    stopped: bool,
+}
+
+struct Shared {
+    progress: Mutex<Progress>,
+    changed: Condvar,
+    abandoned: AtomicBool,
+    stats: Arc<HubStats>,
+}
+
+impl Shared {
+    fn progress(&self) -> MutexGuard<'_, Progress> {
+        self.progress
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The open store: the persister thread and what waiters need.
+pub(crate) struct Store {
+    /// Shared with the persister, for reading the event log; taken on
+    /// close, so that the file is free once the store is closed.
+    db: Mutex<Option<Arc<Database>>>,
+    tx: flume::Sender<Msg>,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+/// What a file held.
+#[derive(Default)]
+pub(crate) struct Loaded {
+    pub devices: Vec<(String, DeviceRecord)>,
+    pub links: Vec<(String, StoredLink)>,
+    pub resources: Vec<(String, ResourceState)>,
+    /// (device key, order, sent, command).
+    pub commands: Vec<(String, u64, bool, Command)>,
+    /// The last event's seq (0 with none).
+    pub last_event: u64,
+}
+
+impl Store {
+    /// Opens (or creates) `<dir>/hub.redb`, reads it whole and starts the
+    /// persister.
+    pub(crate) fn open(
+        dir: &Path,
+        settings: StoreSettings,
+        stats: Arc<HubStats>,
+    ) -> Result<(Store, Journal, Loaded), StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let path = dir.join(FILE_NAME);
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse { path: path.clone() },
+            e => StoreError::Open {
+                path: path.clone(),
+                message: e.to_string(),
+            },
+        })?;
+        let corrupt = |message: String| StoreError::Corrupt {
+            path: path.clone(),
+            message,
+        };
+        init(&db).map_err(corrupt)?;
+        let loaded = load(&db).map_err(corrupt)?;
+        let first_event = first_event(&db).map_err(corrupt)?;
+        let (tx, rx) = flume::unbounded();
+        let shared = Arc::new(Shared {
+            progress: Mutex::new(Progress::default()),
+            changed: Condvar::new(),
+            abandoned: AtomicBool::new(false),
+            stats,
+        });
+        let db = Arc::new(db);
+        let persister = Persister {
+            db: db.clone(),
+            rx,
+            shared: shared.clone(),
+            settings,
+            first_event,
+            buf: AlignedVec::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("hub-store".into())
+            .spawn(move || persister.run())
+            .map_err(|e| StoreError::Open {
+                path: path.clone(),
+                message: format!("cannot start the persister thread: {e}"),
+            })?;
+        let journal = Journal {
+            ops: Vec::new(),
+            tx: tx.clone(),
+            seq: 0,
+            urgent: false,
+        };
+        Ok((
+            Store {
+                db: Mutex::new(Some(db)),
+                tx,
+                shared,
+                thread: Mutex::new(Some(thread)),
+                path,
+            },
+            journal,
+            loaded,
+        ))
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The event log of `owner` after `after`, oldest first, at most
+    /// `limit` (committed events only).
+    pub(crate) fn events_after(
+        &self,
+        owner: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>, HubError> {
+        let db = self
+            .db
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+            .ok_or_else(|| HubError::Unavailable("the hub store is closed".into()))?;
+        read_events(&db, owner, after, limit).map_err(|e| {
+            tracing::error!("cannot read the hub's event log: {e}");
+            HubError::Unavailable("the hub's event log cannot be read".into())
+        })
+    }
+
+    /// Waits until the batch `seq` (and every one before it) is committed.
+    /// A failed commit, a stopped store or a commit that takes longer than
+    /// [`WAIT_LIMIT`] is [`HubError::Unavailable`].
+    pub(crate) fn wait(&self, seq: u64) -> Result<(), HubError> {
+        let deadline = Instant::now() + WAIT_LIMIT;
+        let mut progress = self.shared.progress();
+        while progress.done < seq {
+            if progress.stopped {
+                return Err(HubError::Unavailable("the hub store is closed".into()));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(HubError::Unavailable(
+                    "the hub store did not commit in time".into(),
+                ));
+            }
+            progress = self
+                .shared
+                .changed
+                .wait_timeout(progress, left)
+                .map_or_else(|p| p.into_inner().0, |(g, _)| g);
+        }
+        if progress
+            .failed
+            .iter()
+            .any(|(from, to)| (*from..=*to).contains(&seq))
+        {
+            return Err(HubError::Unavailable(
+                "the hub store could not record the change".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Commits everything queued, then stops the persister. Later changes
+    /// are not recorded (waiters get [`HubError::Unavailable`]).
+    pub(crate) fn close(&self) {
+        let _ = self.tx.send(Msg::Stop);
+        self.join();
+    }
+
+    /// Stops the persister as a killed process would: records not yet
+    /// committed are lost. For crash tests.
+    pub(crate) fn abandon(&self) {
+        self.shared.abandoned.store(true, Ordering::SeqCst);
+        let _ = self.tx.send(Msg::Abandon);
+        self.join();
+    }
+
+    fn join(&self) {
+        let handle = self
+            .thread
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!("the hub store's persister panicked");
+            }
+        }
+        self.db
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn err<E: Display>(what: &'static str) -> impl Fn(E) -> String {
+    move |e| format!("{what}: {e}")
+}
+
+fn init(db: &Database) -> Result<(), String> {
+    let txn = db.begin_write().map_err(err("begin"))?;
+    {
+        let mut meta = txn.open_table(META).map_err(err("meta"))?;
+        let format = meta.get("format").map_err(err("meta"))?.map(|v| v.value());
+        match format {
+            None => {
+                meta.insert("format", FORMAT).map_err(err("meta"))?;
+            }
+            Some(FORMAT) => {}
+            Some(other) => {
+                return Err(format!(
+                    "record format {other}, this build reads format {FORMAT}"
+                ))
+            }
+        }
+        txn.open_table(DEVICES).map_err(err("devices"))?;
+        txn.open_table(LINKS).map_err(err("links"))?;
+        txn.open_table(RESOURCES).map_err(err("resources"))?;
+        txn.open_table(COMMANDS).map_err(err("commands"))?;
+        txn.open_table(EVENTS).map_err(err("events"))?;
+    }
+    txn.commit().map_err(err("commit"))
+}
+
+fn load(db: &Database) -> Result<Loaded, String> {
+    let txn = db.begin_read().map_err(err("begin"))?;
+    let mut buf = AlignedVec::new();
+    let mut out = Loaded::default();
+    let table = txn.open_table(DEVICES).map_err(err("devices"))?;
+    for row in table.iter().map_err(err("devices"))? {
+        let (k, v) = row.map_err(err("devices"))?;
+        let rec = access::<ArchivedDeviceRec>(v.value(), &mut buf)
+            .map_err(|e| format!("device {}: {e}", k.value()))?;
+        out.devices.push((k.value().to_owned(), rec.to_device()));
+    }
+    let table = txn.open_table(LINKS).map_err(err("links"))?;
+    for row in table.iter().map_err(err("links"))? {
+        let (k, v) = row.map_err(err("links"))?;
+        let (key, href) = k.value();
+        let rec = access::<ArchivedLinkRec>(v.value(), &mut buf)
+            .map_err(|e| format!("link {key} {href}: {e}"))?;
+        out.links.push((key.to_owned(), rec.to_link()));
+    }
+    let table = txn.open_table(RESOURCES).map_err(err("resources"))?;
+    for row in table.iter().map_err(err("resources"))? {
+        let (k, v) = row.map_err(err("resources"))?;
+        let (key, href) = k.value();
+        let rec = access::<ArchivedResourceRec>(v.value(), &mut buf)
+            .map_err(|e| format!("resource {key} {href}: {e}"))?;
+        let state = rec
+            .to_state()
+            .ok_or_else(|| format!("resource {key} {href}: unknown status"))?;
+        out.resources.push((key.to_owned(), state));
+    }
+    let table = txn.open_table(COMMANDS).map_err(err("commands"))?;
+    for row in table.iter().map_err(err("commands"))? {
+        let (k, v) = row.map_err(err("commands"))?;
+        let (key, id) = k.value();
+        let rec = access::<ArchivedCommandRec>(v.value(), &mut buf)
+            .map_err(|e| format!("command {key} {id}: {e}"))?;
+        let command = rec
+            .to_command()
+            .ok_or_else(|| format!("command {key} {id}: unknown kind"))?;
+        out.commands
+            .push((key.to_owned(), rec.order.to_native(), rec.sent, command));
+    }
+    let table = txn.open_table(EVENTS).map_err(err("events"))?;
+    out.last_event = table
+        .last()
+        .map_err(err("events"))?
+        .map_or(0, |(k, _)| k.value());
+    Ok(out)
+}
+
+fn first_event(db: &Database) -> Result<Option<u64>, String> {
+    let txn = db.begin_read().map_err(err("begin"))?;
+    let table = txn.open_table(EVENTS).map_err(err("events"))?;
+    let first = table.first().map_err(err("events"))?;
+    Ok(first.map(|(k, _)| k.value()))
+}
+
+/// The events of `owner` with a seq above `after`, oldest first, at most
+/// `limit`.
+fn read_events(db: &Database, owner: &str, after: u64, limit: usize) -> Result<Vec<Event>, String> {
+    let txn = db.begin_read().map_err(err("begin"))?;
+    let table = txn.open_table(EVENTS).map_err(err("events"))?;
+    let mut buf = AlignedVec::new();
+    let mut out = Vec::new();
+    for row in table
+        .range(after.saturating_add(1)..)
+        .map_err(err("events"))?
+    {
+        if out.len() >= limit {
+            break;
+        }
+        let (k, v) = row.map_err(err("events"))?;
+        let seq = k.value();
+        let rec = access::<ArchivedEventRec>(v.value(), &mut buf)
+            .map_err(|e| format!("event {seq}: {e}"))?;
+        if rec.owner.as_str() != owner {
+            continue;
+        }
+        let event = rec
+            .to_event(seq)
+            .ok_or_else(|| format!("event {seq}: unknown code"))?;
+        out.push(event);
+    }
+    Ok(out)
+}
+
+/// Zero-copy access to a record (FIELD-NOTES: rkyv's `access` needs an
+/// aligned buffer; redb's values are not aligned, so copy first).
+fn access<'a, T>(bytes: &[u8], buf: &'a mut AlignedVec) -> Result<&'a T, String>
+where
+    T: rkyv::Portable
+        + for<'b> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'b, rancor::Error>>,
+{
+    buf.clear();
+    buf.extend_from_slice(bytes);
+    // Release builds' rancor errors carry no detail: the caller names the
+    // table and key.
+    rkyv::access::<T, rancor::Error>(buf).map_err(|e| format!("undecodable record ({e})"))
+}
+
+fn encode<T>(value: &T) -> Result<AlignedVec, String>
+where
+    T: for<'a> rkyv::Serialize<
+        rkyv::api::high::HighSerializer<
+            AlignedVec,
+            rkyv::ser::allocator::ArenaHandle<'a>,
+            rancor::Error,
+        >,
+    >,
+{
+    rkyv::to_bytes::<rancor::Error>(value).map_err(err("encode"))
+}
+
+struct Persister {
+    db: Arc<Database>,
+    rx: flume::Receiver<Msg>,
+    shared: Arc<Shared>,
+    settings: StoreSettings,
+    /// The oldest event in the file, for retention.
+    first_event: Option<u64>,
+    buf: AlignedVec,
+}
+
+/// Marks the store stopped when the persister ends, even by a panic, so
+/// that no waiter waits for it.
+struct StoppedOnDrop(Arc<Shared>);
+
+impl Drop for StoppedOnDrop {
+    fn drop(&mut self) {
+        self.0.progress().stopped = true;
+        self.0.changed.notify_all();
+    }
+}
+
+impl Persister {
+    fn run(mut self) {
+        let _stopped = StoppedOnDrop(self.shared.clone());
+        loop {
+            let first = match self.rx.recv() {
+                Ok(Msg::Batch { seq, ops, urgent }) => (seq, ops, urgent),
+                Ok(Msg::Stop) | Err(_) => return,
+                Ok(Msg::Abandon) => return,
+            };
+            let mut urgent = first.2;
+            let mut batches = vec![(first.0, first.1)];
+            let mut stop = false;
+            let deadline = Instant::now() + self.settings.commit_interval;
+            // Group commit: collect until the interval passes, a caller
+            // waits (then only what is queued already), or the batch is full.
+            while batches.len() < self.settings.max_batch {
+                let next = if urgent {
+                    match self.rx.try_recv() {
+                        Ok(m) => Ok(m),
+                        Err(flume::TryRecvError::Empty) => break,
+                        Err(flume::TryRecvError::Disconnected) => {
+                            Err(flume::RecvTimeoutError::Disconnected)
+                        }
+                    }
+                } else {
+                    self.rx.recv_deadline(deadline)
+                };
+                match next {
+                    Ok(Msg::Batch {
+                        seq,
+                        ops,
+                        urgent: u,
+                    }) => {
+                        urgent |= u;
+                        batches.push((seq, ops));
+                    }
+                    Ok(Msg::Stop) | Err(flume::RecvTimeoutError::Disconnected) => {
+                        stop = true;
+                        break;
+                    }
+                    Ok(Msg::Abandon) => return,
+                    Err(flume::RecvTimeoutError::Timeout) => break,
+                }
+            }
+            if self.shared.abandoned.load(Ordering::SeqCst) {
+                return;
+            }
+            self.commit(batches);
+            if stop {
+                return;
+            }
+        }
+    }
+
+    fn commit(&mut self, batches: Vec<(u64, Vec<Op>)>) {
+        let from = batches.first().map_or(0, |b| b.0);
+        let to = batches.last().map_or(0, |b| b.0);
+        let records = batches
+            .iter()
+            .flat_map(|b| b.1.iter())
+            .filter(|op| op.is_record())
+            .count() as u64;
+        let result = if batches.iter().all(|b| b.1.is_empty()) {
+            Ok(())
+        } else {
+            self.write(&batches)
+        };
+        let stats = &self.shared.stats;
+        match &result {
+            Ok(()) if records == 0 => {}
+            Ok(()) => {
+                stats.store_commits.fetch_add(1, Ordering::Relaxed);
+                stats.store_records.fetch_add(records, Ordering::Relaxed);
+            }
+            Err(e) => {
+                stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("the hub store could not commit {records} records: {e}");
+            }
+        }
+        {
+            let mut progress = self.shared.progress();
+            progress.done = progress.done.max(to);
+            if result.is_err() {
+                progress.failed.push_back((from, to));
+                while progress.failed.len() > FAILED_KEPT {
+                    progress.failed.pop_front();
+                }
+            }
+        }
+        self.shared.changed.notify_all();
+        // Outcomes go to their issuers only once their records are on
+        // disk; after a failed commit the issuer's receiver disconnects
+        // (it cannot be told an answer that is not recorded).
+        if result.is_ok() {
+            for (_, ops) in batches {
+                for op in ops {
+                    if let Op::Notify(waiter, outcome) = op {
+                        let _ = waiter.send(outcome);
+                    }
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, batches: &[(u64, Vec<Op>)]) -> Result<(), String> {
+        let txn = self.db.begin_write().map_err(err("begin"))?;
+        let mut last_event = None;
+        {
+            let mut devices = txn.open_table(DEVICES).map_err(err("devices"))?;
+            let mut links = txn.open_table(LINKS).map_err(err("links"))?;
+            let mut resources = txn.open_table(RESOURCES).map_err(err("resources"))?;
+            let mut commands = txn.open_table(COMMANDS).map_err(err("commands"))?;
+            let mut events = txn.open_table(EVENTS).map_err(err("events"))?;
+            for op in batches.iter().flat_map(|b| b.1.iter()) {
+                match op {
+                    Op::PutDevice { key, device } => {
+                        let bytes = encode(&DeviceRec::from(device))?;
+                        devices
+                            .insert(key.as_str(), bytes.as_slice())
+                            .map_err(err("devices"))?;
+                    }
+                    Op::DeleteDevice { key } => {
+                        devices.remove(key.as_str()).map_err(err("devices"))?;
+                        remove_device_rows(&mut links, key).map_err(err("links"))?;
+                        remove_device_rows(&mut resources, key).map_err(err("resources"))?;
+                        remove_device_rows(&mut commands, key).map_err(err("commands"))?;
+                    }
+                    Op::PutLink { key, link } => {
+                        let bytes = encode(&LinkRec::from(link))?;
+                        links
+                            .insert((key.as_str(), link.href.as_str()), bytes.as_slice())
+                            .map_err(err("links"))?;
+                    }
+                    Op::DeleteLink { key, href } => {
+                        links
+                            .remove((key.as_str(), href.as_str()))
+                            .map_err(err("links"))?;
+                    }
+                    Op::PutResource { key, state } => {
+                        let bytes = encode(&ResourceRec::from(state))?;
+                        resources
+                            .insert((key.as_str(), state.href.as_str()), bytes.as_slice())
+                            .map_err(err("resources"))?;
+                    }
+                    Op::DeleteResource { key, href } => {
+                        resources
+                            .remove((key.as_str(), href.as_str()))
+                            .map_err(err("resources"))?;
+                    }
+                    Op::PutCommand {
+                        key,
+                        order,
+                        sent,
+                        command,
+                    } => {
+                        let bytes = encode(&CommandRec::new(*order, *sent, command))?;
+                        commands
+                            .insert(
+                                (key.as_str(), command.correlation_id.as_str()),
+                                bytes.as_slice(),
+                            )
+                            .map_err(err("commands"))?;
+                    }
+                    Op::DeleteCommand {
+                        key,
+                        correlation_id,
+                    } => {
+                        commands
+                            .remove((key.as_str(), correlation_id.as_str()))
+                            .map_err(err("commands"))?;
+                    }
+                    Op::Event(event) => {
+                        let bytes = encode(&EventRec::from(event.as_ref()))?;
+                        events
+                            .insert(event.seq, bytes.as_slice())
+                            .map_err(err("events"))?;
+                        last_event = Some(event.seq);
+                        if self.first_event.is_none() {
+                            self.first_event = Some(event.seq);
+                        }
+                    }
+                    Op::Notify(..) => {}
+                }
+            }
+            // Bounded retention: keep the newest `event_retention` events.
+            if let (Some(last), Some(first)) = (last_event, self.first_event) {
+                let keep_from = last.saturating_sub(self.settings.event_retention.max(1) - 1);
+                if first < keep_from {
+                    events
+                        .retain_in(first..keep_from, |_, _| false)
+                        .map_err(err("events"))?;
+                }
+            }
+        }
+        txn.commit().map_err(err("commit"))?;
+        if let (Some(last), Some(first)) = (last_event, self.first_event) {
+            let keep_from = last.saturating_sub(self.settings.event_retention.max(1) - 1);
+            self.first_event = Some(first.max(keep_from));
+        }
+        // The buffer is for reads; keep it small between commits.
+        self.buf = AlignedVec::new();
+        Ok(())
+    }
+}
+
+/// Removes every (key, _) row of a device.
+fn remove_device_rows(
+    table: &mut redb::Table<'_, (&'static str, &'static str), &'static [u8]>,
+    key: &str,
+) -> Result<(), redb::StorageError> {
+    let mut doomed = Vec::new();
+    for row in table.range((key, "")..)? {
+        let (k, _) = row?;
+        let (device, second) = k.value();
+        if device != key {
+            break;
+        }
+        doomed.push(second.to_owned());
+    }
+    for second in doomed {
+        table.remove((key, second.as_str()))?;
+    }
+    Ok(())
+}
+
+// -- codes of the hub's enums ------------------------------------------------
+
+fn status_code(status: Status) -> u8 {
+    STATUSES.iter().position(|s| *s == status).unwrap_or(11) as u8
+}
+
+fn status_of(code: u8) -> Option<Status> {
+    STATUSES.get(usize::from(code)).copied()
+}
+
+fn protocol_code(p: Option<Protocol>) -> u8 {
+    match p {
+        None => 0,
+        Some(Protocol::CoapsTcp) => 1,
+        Some(Protocol::CoapTcp) => 2,
+    }
+}
+
+fn protocol_of(code: u8) -> Option<Protocol> {
+    match code {
+        1 => Some(Protocol::CoapsTcp),
+        2 => Some(Protocol::CoapTcp),
+        _ => None,
+    }
+}
+
+fn twin_code(state: TwinState) -> u8 {
+    match state {
+        TwinState::OutOfSync => 0,
+        TwinState::Syncing => 1,
+        TwinState::InSync => 2,
+        TwinState::Disabled => 3,
+    }
+}
+
+fn twin_of(code: u8) -> TwinState {
+    match code {
+        1 => TwinState::Syncing,
+        2 => TwinState::InSync,
+        3 => TwinState::Disabled,
+        _ => TwinState::OutOfSync,
+    }
+}
+
+fn operation_code(op: Operation) -> u8 {
+    match op {
+        Operation::Update => 0,
+        Operation::Retrieve => 1,
+        Operation::Create => 2,
+        Operation::Delete => 3,
+        Operation::Notify => 4,
+    }
+}
+
+fn operation_of(code: u8) -> Option<Operation> {
+    Some(match code {
+        0 => Operation::Update,
+        1 => Operation::Retrieve,
+        2 => Operation::Create,
+        3 => Operation::Delete,
+        4 => Operation::Notify,
+        _ => return None,
+    })
+}
+
+fn strings(v: &rkyv::vec::ArchivedVec<rkyv::string::ArchivedString>) -> Vec<String> {
+    v.iter().map(|s| s.as_str().to_owned()).collect()
+}
+
+fn opt_strings(
+    v: &rkyv::option::ArchivedOption<rkyv::vec::ArchivedVec<rkyv::string::ArchivedString>>,
+) -> Option<Vec<String>> {
+    v.as_ref().map(strings)
+}
+
+fn opt_string(v: &rkyv::option::ArchivedOption<rkyv::string::ArchivedString>) -> Option<String> {
+    v.as_ref().map(|s| s.as_str().to_owned())
+}
+
+fn opt_bytes(v: &rkyv::option::ArchivedOption<rkyv::vec::ArchivedVec<u8>>) -> Option<Vec<u8>> {
+    v.as_ref().map(|b| b.as_slice().to_vec())
+}
+
+// -- records -----------------------------------------------------------------
+
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct DeviceRec {
+    device_id: String,
+    owner: String,
+    online: bool,
+    connected_at_ns: u64,
+    protocol: u8,
+    service_id: String,
+    connection_id: String,
+    local_endpoints: Vec<String>,
+    twin_state: u8,
+    twin_enabled: bool,
+    syncing_at_ns: u64,
+    in_sync_at_ns: u64,
+}
+
+impl From<&DeviceRecord> for DeviceRec {
+    fn from(d: &DeviceRecord) -> Self {
+        DeviceRec {
+            device_id: d.device_id.clone(),
+            owner: d.owner.clone(),
+            online: d.status.online,
+            connected_at_ns: d.status.connected_at_ns,
+            protocol: protocol_code(d.status.protocol),
+            service_id: d.status.service_id.clone(),
+            connection_id: d.status.connection_id.clone(),
+            local_endpoints: d.status.local_endpoints.clone(),
+            twin_state: twin_code(d.twin.state),
+            twin_enabled: d.twin.enabled,
+            syncing_at_ns: d.twin.syncing_at_ns,
+            in_sync_at_ns: d.twin.in_sync_at_ns,
+        }
+    }
+}
+
+impl ArchivedDeviceRec {
+    fn to_device(&self) -> DeviceRecord {
+        DeviceRecord {
+            device_id: self.device_id.as_str().to_owned(),
+            owner: self.owner.as_str().to_owned(),
+            status: ConnectionStatus {
+                online: self.online,
+                connected_at_ns: self.connected_at_ns.to_native(),
+                protocol: protocol_of(self.protocol),
+                service_id: self.service_id.as_str().to_owned(),
+                connection_id: self.connection_id.as_str().to_owned(),
+                local_endpoints: strings(&self.local_endpoints),
+            },
+            twin: TwinSync {
+                state: twin_of(self.twin_state),
+                enabled: self.twin_enabled,
+                syncing_at_ns: self.syncing_at_ns.to_native(),
+                in_sync_at_ns: self.in_sync_at_ns.to_native(),
+            },
+        }
+    }
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct PolicyRec {
+    bit_mask: u8,
+    port: Option<u16>,
+    tcp_port: Option<u16>,
+    tls_port: Option<u16>,
+    secured: Option<bool>,
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct EndpointRec {
+    uri: String,
+    priority: Option<u64>,
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct LinkRec {
+    href: String,
+    device_id: String,
+    instance_id: i64,
+    resource_types: Option<Vec<String>>,
+    interfaces: Option<Vec<String>>,
+    policy: Option<PolicyRec>,
+    endpoints: Option<Vec<EndpointRec>>,
+    anchor: Option<String>,
+    title: Option<String>,
+    content_types: Option<Vec<String>>,
+    valid_until: Option<u64>,
+}
+
+impl From<&StoredLink> for LinkRec {
+    fn from(l: &StoredLink) -> Self {
+        LinkRec {
+            href: l.href.clone(),
+            device_id: l.device_id.clone(),
+            instance_id: l.instance_id,
+            resource_types: l.resource_types.clone(),
+            interfaces: l.interfaces.clone(),
+            policy: l.policy.map(|p| PolicyRec {
+                bit_mask: p.bit_mask,
+                port: p.port,
+                tcp_port: p.tcp_port,
+                tls_port: p.tls_port,
+                secured: p.secured,
+            }),
+            endpoints: l.endpoints.as_ref().map(|eps| {
+                eps.iter()
+                    .map(|(uri, priority)| EndpointRec {
+                        uri: uri.clone(),
+                        priority: *priority,
+                    })
+                    .collect()
+            }),
+            anchor: l.anchor.clone(),
+            title: l.title.clone(),
+            content_types: l.content_types.clone(),
+            valid_until: l.valid_until,
+        }
+    }
+}
+
+impl ArchivedLinkRec {
+    fn to_link(&self) -> StoredLink {
+        StoredLink {
+            href: self.href.as_str().to_owned(),
+            device_id: self.device_id.as_str().to_owned(),
+            instance_id: self.instance_id.to_native(),
+            resource_types: opt_strings(&self.resource_types),
+            interfaces: opt_strings(&self.interfaces),
+            policy: self.policy.as_ref().map(|p| Policy {
+                bit_mask: p.bit_mask,
+                port: p.port.as_ref().map(|v| v.to_native()),
+                tcp_port: p.tcp_port.as_ref().map(|v| v.to_native()),
+                tls_port: p.tls_port.as_ref().map(|v| v.to_native()),
+                secured: p.secured.as_ref().copied(),
+            }),
+            endpoints: self.endpoints.as_ref().map(|eps| {
+                eps.iter()
+                    .map(|e| {
+                        (
+                            e.uri.as_str().to_owned(),
+                            e.priority.as_ref().map(|v| v.to_native()),
+                        )
+                    })
+                    .collect()
+            }),
+            anchor: opt_string(&self.anchor),
+            title: opt_string(&self.title),
+            content_types: opt_strings(&self.content_types),
+            valid_until: self.valid_until.as_ref().map(|v| v.to_native()),
+        }
+    }
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct ResourceRec {
+    href: String,
+    data: Vec<u8>,
+    content_format: i32,
+    status: u8,
+    etag: Option<Vec<u8>>,
+    resource_types: Vec<String>,
+    version: u64,
+    updated_at_ns: u64,
+}
+
+impl From<&ResourceState> for ResourceRec {
+    fn from(r: &ResourceState) -> Self {
+        ResourceRec {
+            href: r.href.clone(),
+            data: r.content.data.clone(),
+            content_format: r.content.content_format,
+            status: status_code(r.status),
+            etag: r.etag.clone(),
+            resource_types: r.resource_types.clone(),
+            version: r.version,
+            updated_at_ns: r.updated_at_ns,
+        }
+    }
+}
+
+impl ArchivedResourceRec {
+    fn to_state(&self) -> Option<ResourceState> {
+        Some(ResourceState {
+            href: self.href.as_str().to_owned(),
+            content: Content {
+                data: self.data.as_slice().to_vec(),
+                content_format: self.content_format.to_native(),
+            },
+            status: status_of(self.status)?,
+            etag: opt_bytes(&self.etag),
+            resource_types: strings(&self.resource_types),
+            version: self.version.to_native(),
+            updated_at_ns: self.updated_at_ns.to_native(),
+        })
+    }
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct CommandRec {
+    order: u64,
+    sent: bool,
+    correlation_id: String,
+    device_id: String,
+    href: String,
+    /// [`operation_code`] of the kind.
+    kind: u8,
+    data: Vec<u8>,
+    content_format: i32,
+    etags: Vec<Vec<u8>>,
+    interface: Option<String>,
+    valid_until_ns: u64,
+    issued_at_ns: u64,
+}
+
+impl CommandRec {
+    fn new(order: u64, sent: bool, c: &Command) -> Self {
+        let (data, content_format, etags) = match &c.kind {
+            CommandKind::Update { content } | CommandKind::Create { content } => {
+                (content.data.clone(), content.content_format, Vec::new())
+            }
+            CommandKind::Retrieve { etags } => (Vec::new(), -1, etags.clone()),
+            CommandKind::Delete => (Vec::new(), -1, Vec::new()),
+        };
+        CommandRec {
+            order,
+            sent,
+            correlation_id: c.correlation_id.clone(),
+            device_id: c.device_id.clone(),
+            href: c.href.clone(),
+            kind: operation_code(c.kind.operation()),
+            data,
+            content_format,
+            etags,
+            interface: c.interface.clone(),
+            valid_until_ns: c.valid_until_ns,
+            issued_at_ns: c.issued_at_ns,
+        }
+    }
+}
+
+impl ArchivedCommandRec {
+    fn to_command(&self) -> Option<Command> {
+        let content = || Content {
+            data: self.data.as_slice().to_vec(),
+            content_format: self.content_format.to_native(),
+        };
+        let kind = match operation_of(self.kind)? {
+            Operation::Update => CommandKind::Update { content: content() },
+            Operation::Create => CommandKind::Create { content: content() },
+            Operation::Retrieve => CommandKind::Retrieve {
+                etags: self.etags.iter().map(|e| e.as_slice().to_vec()).collect(),
+            },
+            Operation::Delete => CommandKind::Delete,
+            Operation::Notify => return None,
+        };
+        Some(Command {
+            correlation_id: self.correlation_id.as_str().to_owned(),
+            device_id: self.device_id.as_str().to_owned(),
+            href: self.href.as_str().to_owned(),
+            kind,
+            interface: opt_string(&self.interface),
+            valid_until_ns: self.valid_until_ns.to_native(),
+            issued_at_ns: self.issued_at_ns.to_native(),
+        })
+    }
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct AuthRec {
+    owner: String,
+    device_id: String,
+    subject: Option<String>,
+    token_id: Option<String>,
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize)]
+enum EventKindRec {
+    DeviceRegistered,
+    DeviceDeleted,
+    Online {
+        connection_id: String,
+        protocol: u8,
+        service_id: String,
+    },
+    Offline,
+    LinksPublished {
+        hrefs: Vec<String>,
+    },
+    LinksUnpublished {
+        hrefs: Vec<String>,
+    },
+    ResourceChanged {
+        href: String,
+        status: u8,
+        data: Vec<u8>,
+        content_format: i32,
+        etag: Option<Vec<u8>>,
+        version: u64,
+    },
+    TwinStateChanged {
+        state: u8,
+    },
+    TwinEnabledChanged {
+        enabled: bool,
+    },
+    CommandPending {
+        correlation_id: String,
+        href: String,
+        operation: u8,
+        valid_until_ns: u64,
+    },
+    CommandAnswered {
+        correlation_id: String,
+        href: String,
+        operation: u8,
+        status: u8,
+        data: Vec<u8>,
+        content_format: i32,
+    },
+    CommandExpired {
+        correlation_id: String,
+        href: String,
+        operation: u8,
+    },
+    CommandCanceled {
+        correlation_id: String,
+        href: String,
+        operation: u8,
+    },
+}
+
+#[derive(rkyv::Archive, rkyv::Serialize)]
+struct EventRec {
+    owner: String,
+    device_id: String,
+    at_ns: u64,
+    auth: AuthRec,
+    kind: EventKindRec,
+}
+
+impl From<&Event> for EventRec {
+    fn from(e: &Event) -> Self {
+        let kind = match &e.kind {
+            EventKind::DeviceRegistered => EventKindRec::DeviceRegistered,
+            EventKind::DeviceDeleted => EventKindRec::DeviceDeleted,
+            EventKind::Online {
+                connection_id,
+                protocol,
+                service_id,
+            } => EventKindRec::Online {
+                connection_id: connection_id.clone(),
+                protocol: protocol_code(Some(*protocol)),
+                service_id: service_id.clone(),
+            },
+            EventKind::Offline => EventKindRec::Offline,
+            EventKind::LinksPublished { hrefs } => EventKindRec::LinksPublished {
+                hrefs: hrefs.clone(),
+            },
+            EventKind::LinksUnpublished { hrefs } => EventKindRec::LinksUnpublished {
+                hrefs: hrefs.clone(),
+            },
+            EventKind::ResourceChanged {
+                href,
+                status,
+                content,
+                etag,
+                version,
+            } => EventKindRec::ResourceChanged {
+                href: href.clone(),
+                status: status_code(*status),
+                data: content.data.clone(),
+                content_format: content.content_format,
+                etag: etag.clone(),
+                version: *version,
+            },
+            EventKind::TwinStateChanged { state } => EventKindRec::TwinStateChanged {
+                state: twin_code(*state),
+            },
+            EventKind::TwinEnabledChanged { enabled } => {
+                EventKindRec::TwinEnabledChanged { enabled: *enabled }
+            }
+            EventKind::CommandPending {
+                correlation_id,
+                href,
+                operation,
+                valid_until_ns,
+            } => EventKindRec::CommandPending {
+                correlation_id: correlation_id.clone(),
+                href: href.clone(),
+                operation: operation_code(*operation),
+                valid_until_ns: *valid_until_ns,
+            },
+            EventKind::CommandAnswered {
+                correlation_id,
+                href,
+                operation,
+                status,
+                content,
+            } => EventKindRec::CommandAnswered {
+                correlation_id: correlation_id.clone(),
+                href: href.clone(),
+                operation: operation_code(*operation),
+                status: status_code(*status),
+                data: content.data.clone(),
+                content_format: content.content_format,
+            },
+            EventKind::CommandExpired {
+                correlation_id,
+                href,
+                operation,
+            } => EventKindRec::CommandExpired {
+                correlation_id: correlation_id.clone(),
+                href: href.clone(),
+                operation: operation_code(*operation),
+            },
+            EventKind::CommandCanceled {
+                correlation_id,
+                href,
+                operation,
+            } => EventKindRec::CommandCanceled {
+                correlation_id: correlation_id.clone(),
+                href: href.clone(),
+                operation: operation_code(*operation),
+            },
+        };
+        EventRec {
+            owner: e.owner.clone(),
+            device_id: e.device_id.clone(),
+            at_ns: e.at_ns,
+            auth: AuthRec {
+                owner: e.auth.owner.clone(),
+                device_id: e.auth.device_id.clone(),
+                subject: e.auth.subject.clone(),
+                token_id: e.auth.token_id.clone(),
+            },
+            kind,
+        }
+    }
+}
+
+impl ArchivedEventRec {
+    fn to_event(&self, seq: u64) -> Option<Event> {
+        let s = |v: &rkyv::string::ArchivedString| v.as_str().to_owned();
+        let kind = match &self.kind {
+            ArchivedEventKindRec::DeviceRegistered => EventKind::DeviceRegistered,
+            ArchivedEventKindRec::DeviceDeleted => EventKind::DeviceDeleted,
+            ArchivedEventKindRec::Online {
+                connection_id,
+                protocol,
+                service_id,
+            } => EventKind::Online {
+                connection_id: s(connection_id),
+                protocol: protocol_of(*protocol)?,
+                service_id: s(service_id),
+            },
+            ArchivedEventKindRec::Offline => EventKind::Offline,
+            ArchivedEventKindRec::LinksPublished { hrefs } => EventKind::LinksPublished {
+                hrefs: strings(hrefs),
+            },
+            ArchivedEventKindRec::LinksUnpublished { hrefs } => EventKind::LinksUnpublished {
+                hrefs: strings(hrefs),
+            },
+            ArchivedEventKindRec::ResourceChanged {
+                href,
+                status,
+                data,
+                content_format,
+                etag,
+                version,
+            } => EventKind::ResourceChanged {
+                href: s(href),
+                status: status_of(*status)?,
+                content: Content {
+                    data: data.as_slice().to_vec(),
+                    content_format: content_format.to_native(),
+                },
+                etag: opt_bytes(etag),
+                version: version.to_native(),
+            },
+            ArchivedEventKindRec::TwinStateChanged { state } => EventKind::TwinStateChanged {
+                state: twin_of(*state),
+            },
+            ArchivedEventKindRec::TwinEnabledChanged { enabled } => {
+                EventKind::TwinEnabledChanged { enabled: *enabled }
+            }
+            ArchivedEventKindRec::CommandPending {
+                correlation_id,
+                href,
+                operation,
+                valid_until_ns,
+            } => EventKind::CommandPending {
+                correlation_id: s(correlation_id),
+                href: s(href),
+                operation: operation_of(*operation)?,
+                valid_until_ns: valid_until_ns.to_native(),
+            },
+            ArchivedEventKindRec::CommandAnswered {
+                correlation_id,
+                href,
+                operation,
+                status,
+                data,
+                content_format,
+            } => EventKind::CommandAnswered {
+                correlation_id: s(correlation_id),
+                href: s(href),
+                operation: operation_of(*operation)?,
+                status: status_of(*status)?,
+                content: Content {
+                    data: data.as_slice().to_vec(),
+                    content_format: content_format.to_native(),
+                },
+            },
+            ArchivedEventKindRec::CommandExpired {
+                correlation_id,
+                href,
+                operation,
+            } => EventKind::CommandExpired {
+                correlation_id: s(correlation_id),
+                href: s(href),
+                operation: operation_of(*operation)?,
+            },
+            ArchivedEventKindRec::CommandCanceled {
+                correlation_id,
+                href,
+                operation,
+            } => EventKind::CommandCanceled {
+                correlation_id: s(correlation_id),
+                href: s(href),
+                operation: operation_of(*operation)?,
+            },
+        };
+        Some(Event {
+            seq,
+            owner: s(&self.owner),
+            device_id: s(&self.device_id),
+            at_ns: self.at_ns.to_native(),
+            auth: AuthContext {
+                owner: s(&self.auth.owner),
+                device_id: s(&self.auth.device_id),
+                subject: opt_string(&self.auth.subject),
+                token_id: opt_string(&self.auth.token_id),
+            },
+            kind,
+        })
+    }
+}
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+mod tests;
