@@ -288,6 +288,7 @@ fn serve(path: Option<&Path>, format: Option<LogFormatArg>, memory: bool) -> Exi
     }
     let api_state = api_state
         .with_hub(gateway.hub.clone())
+        .with_command_ttl(config.hub.command_time_to_live)
         .with_validator(gateway.validator.clone());
     let api = match ApiServer::start(config.api.address, api_state.clone()) {
         Ok(api) => api,

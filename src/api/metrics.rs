@@ -110,7 +110,7 @@ impl HubMetrics {
 type ReadHub = fn(&HubStats) -> u64;
 
 /// (name, help, read); the `_total` suffix is added by the encoder.
-const HUB_COUNTERS: [(&str, &str, ReadHub); 7] = [
+const HUB_COUNTERS: [(&str, &str, ReadHub); 10] = [
     (
         "hub_sign_ins",
         "devices that went ONLINE (spec §8.1)",
@@ -145,6 +145,21 @@ const HUB_COUNTERS: [(&str, &str, ReadHub); 7] = [
         "hub_commands_queue_full",
         "commands a device connection could not take when handed over (they stayed pending)",
         |s| s.queue_full.load(Ordering::Relaxed),
+    ),
+    (
+        "hub_store_commits",
+        "write transactions of the embedded hub's store (group commits)",
+        |s| s.store_commits.load(Ordering::Relaxed),
+    ),
+    (
+        "hub_store_records",
+        "records written by the embedded hub's store",
+        |s| s.store_records.load(Ordering::Relaxed),
+    ),
+    (
+        "hub_store_errors",
+        "failed commits of the embedded hub's store",
+        |s| s.store_errors.load(Ordering::Relaxed),
     ),
 ];
 

@@ -137,10 +137,7 @@ impl Setup {
 
     /// `serve` with this config; waits until the CoAP and API ports listen.
     pub fn serve(&self) -> Gateway {
-        let stderr = self
-            .dir
-            .path()
-            .join(format!("gateway-{}.log", free_port()));
+        let stderr = self.dir.path().join(format!("gateway-{}.log", free_port()));
         let mut gw = Gateway {
             child: Command::new(BIN)
                 .args(["serve", "--config"])
