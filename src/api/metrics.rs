@@ -110,7 +110,7 @@ impl HubMetrics {
 type ReadHub = fn(&HubStats) -> u64;
 
 /// (name, help, read); the `_total` suffix is added by the encoder.
-const HUB_COUNTERS: [(&str, &str, ReadHub); 10] = [
+const HUB_COUNTERS: [(&str, &str, ReadHub); 11] = [
     (
         "hub_sign_ins",
         "devices that went ONLINE (spec §8.1)",
@@ -155,6 +155,11 @@ const HUB_COUNTERS: [(&str, &str, ReadHub); 10] = [
         "hub_store_records",
         "records written by the embedded hub's store",
         |s| s.store_records.load(Ordering::Relaxed),
+    ),
+    (
+        "hub_store_queue_full",
+        "hub changes that waited because the store's queue was full (the disk is behind)",
+        |s| s.store_queue_full.load(Ordering::Relaxed),
     ),
     (
         "hub_store_errors",

@@ -49,6 +49,9 @@ pub struct HubStats {
     pub store_records: AtomicU64,
     /// Commits that failed (their changes are in memory only).
     pub store_errors: AtomicU64,
+    /// Times a hub call found the store's queue full and waited for the
+    /// disk (backpressure on the shard).
+    pub store_queue_full: AtomicU64,
 }
 
 impl HubStats {

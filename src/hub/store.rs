@@ -41,6 +41,9 @@ pub const FILE_NAME: &str = "hub.redb";
 /// Bumped when a record's layout changes: an older file is refused rather
 /// than misread.
 const FORMAT: u64 = 1;
+/// Batches (one per hub call) that may wait for the persister before a
+/// caller is held (spec: bounded queues, a metric when full).
+const QUEUE_BATCHES: usize = 16_384;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Device key → [`DeviceRec`].
@@ -170,6 +173,7 @@ enum Msg {
 pub(crate) struct Journal {
     ops: Vec<Op>,
     tx: flume::Sender<Msg>,
+    stats: Arc<HubStats>,
     /// The seq of the last batch sent.
     seq: u64,
     urgent: bool,
@@ -199,7 +203,17 @@ impl Journal {
                 ops,
                 urgent: self.urgent,
             };
-            if self.tx.send(msg).is_err() {
+            // A full queue (the disk is behind) holds the caller, and with
+            // it the shard: backpressure, counted, never a dropped change.
+            let sent = match self.tx.try_send(msg) {
+                Ok(()) => Ok(()),
+                Err(flume::TrySendError::Full(msg)) => {
+                    self.stats.store_queue_full.fetch_add(1, Ordering::Relaxed);
+                    self.tx.send(msg).map_err(|_| ())
+                }
+                Err(flume::TrySendError::Disconnected(_)) => Err(()),
+            };
+            if sent.is_err() {
                 // The persister stopped (closed store): waiters learn it
                 // from the progress's `stopped`.
                 tracing::error!("the hub store is closed; a change was not recorded");
@@ -291,7 +305,7 @@ impl Store {
         init(&db).map_err(corrupt)?;
         let loaded = load(&db).map_err(corrupt)?;
         let first_event = first_event(&db).map_err(corrupt)?;
-        let (tx, rx) = flume::unbounded();
+        let (tx, rx) = flume::bounded(QUEUE_BATCHES);
         let shared = Arc::new(Shared {
             progress: Mutex::new(Progress::default()),
             changed: Condvar::new(),
@@ -317,6 +331,7 @@ impl Store {
         let journal = Journal {
             ops: Vec::new(),
             tx: tx.clone(),
+            stats: shared.stats.clone(),
             seq: 0,
             urgent: false,
         };
