@@ -11,7 +11,9 @@
 //!
 //! `event:` is the kind's name ([`EventKind::name`]); `id:` the hub's
 //! sequence number; `data:` one line of JSON with `deviceId`, `at` (Unix
-//! ns) and the kind's fields, camelCase:
+//! ns), `auth` (`owner`, and for changes a device made the `subject` and
+//! `tokenId` of the token its connection signed in with) and the kind's
+//! fields, camelCase:
 //!
 //! | event | fields |
 //! |---|---|
@@ -60,6 +62,17 @@ pub(super) fn event_json(event: &Event) -> Value {
     let mut o = Map::new();
     o.insert("deviceId".into(), event.device_id.clone().into());
     o.insert("at".into(), event.at_ns.into());
+    // Who caused it: a device's changes carry the authorization of its
+    // connection (the token's subject and ID), API changes the owner.
+    let mut auth = Map::new();
+    auth.insert("owner".into(), event.auth.owner.clone().into());
+    if let Some(subject) = &event.auth.subject {
+        auth.insert("subject".into(), subject.clone().into());
+    }
+    if let Some(token_id) = &event.auth.token_id {
+        auth.insert("tokenId".into(), token_id.clone().into());
+    }
+    o.insert("auth".into(), Value::Object(auth));
     let command = |o: &mut Map<String, Value>, id: &str, href: &str, operation: &str| {
         o.insert("correlationId".into(), id.into());
         o.insert("href".into(), href.into());

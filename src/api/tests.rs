@@ -73,11 +73,13 @@ fn device_validator(authority: &Authority) -> Arc<SharedValidator> {
     Arc::new(SharedValidator::new(validator))
 }
 
+/// A device connection's authorization: the token's subject and ID too.
 fn ctx(owner: &str, device_id: &str) -> AuthContext {
     AuthContext {
         owner: owner.into(),
         device_id: device_id.into(),
-        ..AuthContext::default()
+        subject: Some(owner.into()),
+        token_id: Some(format!("jti-{device_id}")),
     }
 }
 
@@ -1523,6 +1525,11 @@ fn events_stream_the_callers_devices() {
     assert!(id.parse::<u64>().unwrap() > 0, "{id}");
     assert_eq!(data["deviceId"], D1);
     assert!(data["at"].as_u64().unwrap() > 0);
+    assert_eq!(
+        data["auth"],
+        json!({"owner": "alice", "subject": "alice", "tokenId": format!("jti-{D1}")}),
+        "a device's change names the token its connection signed in with"
+    );
     assert_eq!(data["href"], "/light/1");
     assert_eq!(data["content"], json!({"state": false, "power": 10}));
     assert_eq!(data["contentType"], "application/vnd.ocf+cbor");
@@ -1550,7 +1557,7 @@ fn events_stream_the_callers_devices() {
     assert_eq!(event, "twin_enabled");
     assert_eq!(
         data,
-        json!({"deviceId": D2, "at": data["at"], "enabled": false})
+        json!({"deviceId": D2, "at": data["at"], "auth": {"owner": "alice"}, "enabled": false})
     );
 
     // Stopping the API ends the open streams instead of waiting for them.
