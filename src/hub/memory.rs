@@ -1097,6 +1097,9 @@ impl Hub for MemoryHub {
         st.emit(&ctx.owner, &id, ctx.clone(), kind);
         self.stats.count_answer(result.status);
         st.finish(entry, CommandOutcome::Answered(result));
+        // Someone waits for this answer, and gets it once it is on disk:
+        // commit now rather than at the end of the group-commit interval.
+        let _ = st.commit_point();
     }
 
     fn return_commands(
@@ -1201,11 +1204,20 @@ impl Hub for MemoryHub {
             };
             let id = device.device_id.clone();
             st.emit(owner, &id, owner_ctx(owner, &id), kind);
-            (connection, order, st.commit_point())
+            // A command for an offline device is acknowledged (202) as
+            // pending: it must be on disk first. One for an online device
+            // is handed over at once and its records follow with the next
+            // group commit: until the device's answer is on disk the caller
+            // has been told nothing, and a crash before its record is on
+            // disk leaves no copy that a restart could send again (sent at
+            // most once, spec §7.3). One wait for the answer, not two.
+            let point = match connection {
+                Some(_) => None,
+                None => st.commit_point(),
+            };
+            (connection, order, point)
         };
         let device_id = command.device_id.clone();
-        // The command (and its dispatch, spec §7.3) is on disk before it is
-        // accepted or handed to the connection.
         if let Err(e) = self.wait(point) {
             self.withdraw(&device_id, &correlation_id, order);
             return Err(e);

@@ -345,7 +345,9 @@ pub trait Hub: Send + Sync + fmt::Debug {
 
     /// Accepts a command: sent to the device's connection now if it is
     /// online, else pending until the device signs in again (spec §7.1)
-    /// or `valid_until_ns` passes. A `correlation_id` already in use by a
+    /// or `valid_until_ns` passes. A pending command is durable when this
+    /// returns; an online device's command is durable with its answer (the
+    /// ticket's outcome arrives once that is on disk). A `correlation_id` already in use by a
     /// command not yet answered is InvalidArgument.
     fn submit_command(&self, owner: &str, command: Command) -> Result<CommandTicket, HubError>;
 

@@ -364,8 +364,9 @@ fn group_commit_takes_many_device_changes_per_transaction() {
 }
 
 #[test]
-fn an_outcome_reaches_its_issuer_only_once_the_answer_is_committed() {
+fn an_answer_is_committed_at_once_and_on_disk_when_its_issuer_learns_it() {
     let dir = tempfile::tempdir().unwrap();
+    // A minute between group commits: only an urgent commit is quick.
     let hub = MemoryHub::open_with(dir.path(), slow()).unwrap();
     hub.set_connections(Arc::new(Taking::default()));
     let c = ctx("alice", D);
@@ -373,6 +374,7 @@ fn an_outcome_reaches_its_issuer_only_once_the_answer_is_committed() {
     hub.publish(&c, vec![link(D, "/a")]).unwrap();
     hub.set_online(&c, online(1)).unwrap();
     let ticket = hub.submit_command("alice", command(D, "x", "/a")).unwrap();
+    assert!(!ticket.pending);
     let result = CommandResult {
         correlation_id: "x".into(),
         status: Status::Ok,
@@ -380,17 +382,25 @@ fn an_outcome_reaches_its_issuer_only_once_the_answer_is_committed() {
         etag: None,
     };
     hub.command_result(&c, ConnectionRef(1), result.clone());
-    // The answer is in memory, its record queued, not committed.
-    assert!(hub.pending_commands("alice", D).unwrap().is_empty());
-    assert!(matches!(
-        ticket.outcome.recv_timeout(Duration::from_millis(100)),
-        Err(flume::RecvTimeoutError::Timeout)
-    ));
-    hub.flush().unwrap();
     assert_eq!(
         ticket.outcome.recv_timeout(Duration::from_secs(5)),
         Ok(CommandOutcome::Answered(result))
     );
+    // Crash right after: the answer is on disk (a command whose answer
+    // were not would come back as UNAVAILABLE).
+    hub.abandon();
+    let hub = MemoryHub::open(dir.path()).unwrap();
+    assert!(hub.pending_commands("alice", D).unwrap().is_empty());
+    let answers: Vec<Status> = hub
+        .events_after("alice", 0, 1000)
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::CommandAnswered { status, .. } => Some(*status),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answers, vec![Status::Ok]);
 }
 
 #[test]
