@@ -293,6 +293,7 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
     let mut http = Http::new(tf.api, None, HTTP_TIMEOUT);
     let before = HubCounts::read(&mut http)?;
     let cpu_before = gw_cpu();
+    let threads_before = pid.and_then(|p| procfs::threads_cpu_ticks(p).ok());
     let self_before = procfs::self_cpu_ticks().ok();
     let (out, hist, wall) = run_phase(
         &to,
@@ -303,6 +304,7 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
         &ctx.interrupted,
     );
     let cpu_after = gw_cpu();
+    let threads_after = pid.and_then(|p| procfs::threads_cpu_ticks(p).ok());
     let self_after = procfs::self_cpu_ticks().ok();
     // The devices' follow-up notifications may still be on their way.
     std::thread::sleep(Duration::from_millis(200));
@@ -381,6 +383,12 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
     for e in out.samples.iter().chain(thread_errors.iter()) {
         println!("  error: {e}");
     }
+    if let Some((a, b)) = threads_before.as_ref().zip(threads_after.as_ref()) {
+        println!(
+            "  gateway CPU-s by thread: {:?}",
+            procfs::threads_cpu_delta(a, b, ctx.clk_tck)
+        );
+    }
     if let Some(h) = &health {
         h.report_stderr();
     }
@@ -416,9 +424,14 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
         "gateway": {
             "pid": pid,
             "shards": cli.gateway.is_none().then_some(cli.shards),
+            "memory_hub": cli.memory,
             "rss_bytes": rss,
             "cpu_seconds": opt(cpu_s, 3),
             "cpu_system_seconds": opt(cpu_sys_s, 3),
+            "cpu_seconds_by_thread": threads_before
+                .as_ref()
+                .zip(threads_after.as_ref())
+                .map(|(a, b)| procfs::threads_cpu_delta(a, b, ctx.clk_tck)),
             "cpu_us_per_command": opt(cpu_s.map(|c| c * 1e6 / out.ok.max(1) as f64), 2),
             "cpu_utilisation": opt(cpu_s.map(|c| c / wall_s.max(1e-9)), 3),
             "bytes_per_device": Value::Null,

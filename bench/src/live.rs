@@ -4,7 +4,8 @@
 //! Pings as they come (`Device::pump`), and while the shared `sending`
 //! flag is up writes notifications: as fast as the sockets take them, a
 //! burst of `per_write` per device per pass, or at a fixed total rate
-//! spread evenly over the devices and over time; never more than
+//! (the devices take turns, so each sends evenly spaced, at most one
+//! poll tick — 1 ms — late); never more than
 //! `window` notifications ahead of what the hub has counted (`acked`,
 //! kept up to date by the caller from `/metrics`).
 //!
@@ -70,22 +71,14 @@ struct Slot {
     /// The socket was full: wait for a writable event.
     blocked: bool,
     closed: bool,
-    /// Notifications sent in the current phase (for the rate).
-    phase_sent: u64,
-    /// The phase those count for.
-    phase: u64,
-    /// The device's offset into the rate's period, in [0, 1).
-    offset: f64,
     /// The resource of the next notification.
     next_resource: usize,
 }
 
 /// Drives `devices` until `shared.stop` or `deadline`; returns them.
-/// `index0`/`total` place this thread's devices in the fleet (their
-/// offsets in the rate's period).
+/// `total` is the fleet's size (this thread's share of the rate).
 pub fn drive(
     devices: Vec<Device>,
-    index0: usize,
     total: usize,
     plan: SendPlan,
     shared: Arc<Shared>,
@@ -106,17 +99,18 @@ pub fn drive(
             device,
             blocked: false,
             closed: false,
-            phase_sent: 0,
-            phase: 0,
-            offset: (index0 + i) as f64 / total.max(1) as f64,
             next_resource: 0,
         });
     }
     let n = slots.len();
-    let per_device_rate = plan.rate.map(|r| r / total.max(1) as f64);
+    // This thread's share of the total rate. Devices take turns in index
+    // order, so each sends every n / rate seconds, evenly staggered.
+    let thread_rate = plan.rate.map(|r| r * n as f64 / total.max(1) as f64);
     let mut events = Events::with_capacity(1024);
     let mut cursor = 0usize;
     let mut last_sweep = Instant::now();
+    // (phase, notifications this thread sent in it)
+    let mut phase_sent = (0u64, 0u64);
     loop {
         if shared.stop.load(Ordering::Relaxed)
             || interrupted.load(Ordering::Relaxed)
@@ -125,13 +119,36 @@ pub fn drive(
             break;
         }
         let mut wrote = 0u64;
-        let mut next_due: Option<f64> = None;
+        let mut wait = Duration::from_millis(1);
         if shared.sending.load(Ordering::Acquire) && n > 0 {
             let phase = shared.phase_start_ns.load(Ordering::Acquire);
+            if phase_sent.0 != phase {
+                phase_sent = (phase, 0);
+            }
             let now_ns = unix_ns();
             let elapsed_s = now_ns.saturating_sub(phase) as f64 / 1e9;
-            for step in 0..n {
-                let i = (cursor + step) % n;
+            // How many this pass may write: all devices once (as fast as
+            // possible), or what is due by now (rated).
+            let (mut budget, per_write) = match thread_rate {
+                None => (u64::MAX, plan.per_write as u64),
+                Some(r) => {
+                    let due = (elapsed_s * r).floor() as u64 + 1;
+                    let behind = due.saturating_sub(phase_sent.1);
+                    // Behind by more than a round: several per write.
+                    let each = behind.div_ceil(n as u64).clamp(1, plan.per_write as u64);
+                    if behind == 0 {
+                        let next = (phase_sent.1 as f64 / r - elapsed_s).max(0.0);
+                        wait = Duration::from_secs_f64(next.min(0.001));
+                    }
+                    (behind, each)
+                }
+            };
+            for _ in 0..n {
+                if budget == 0 {
+                    break;
+                }
+                let i = cursor;
+                cursor = (cursor + 1) % n;
                 let s = &mut slots[i];
                 if s.blocked || s.closed {
                     continue;
@@ -143,35 +160,17 @@ pub fn drive(
                 if in_flight >= plan.window {
                     break;
                 }
-                if s.phase != phase {
-                    s.phase = phase;
-                    s.phase_sent = 0;
-                }
-                let want = match per_device_rate {
-                    None => plan.per_write as u64,
-                    Some(r) => {
-                        // Due by now: one at offset/r, then every 1/r.
-                        let due = ((elapsed_s * r) + 1.0 - s.offset).floor().max(0.0) as u64;
-                        let w = due.saturating_sub(s.phase_sent).min(plan.per_write as u64);
-                        if w == 0 {
-                            let at = (s.phase_sent as f64 + s.offset) / r;
-                            next_due = Some(next_due.map_or(at, |d: f64| d.min(at)));
-                        }
-                        w
-                    }
-                };
-                if want == 0 {
-                    continue;
-                }
                 let resources = s.device.twin.as_ref().map_or(0, |t| t.resource_count());
                 if resources == 0 {
                     continue;
                 }
                 let k = s.next_resource % resources;
                 s.next_resource = s.next_resource.wrapping_add(1);
-                match s.device.notify_nonblocking(k, want as usize, now_ns) {
+                let want = per_write.min(budget) as usize;
+                match s.device.notify_nonblocking(k, want, now_ns) {
                     Ok((w, flushed)) => {
-                        s.phase_sent += w;
+                        budget = budget.saturating_sub(w);
+                        phase_sent.1 += w;
                         wrote += w;
                         shared.sent.fetch_add(w, Ordering::Relaxed);
                         s.blocked = !flushed;
@@ -183,17 +182,8 @@ pub fn drive(
                     }
                 }
             }
-            cursor = (cursor + 1) % n;
         }
-        let timeout = if wrote > 0 {
-            Duration::ZERO
-        } else if let Some(at) = next_due {
-            let phase = shared.phase_start_ns.load(Ordering::Relaxed);
-            let now_s = unix_ns().saturating_sub(phase) as f64 / 1e9;
-            Duration::from_secs_f64((at - now_s).clamp(0.0, 0.001))
-        } else {
-            Duration::from_millis(1)
-        };
+        let timeout = if wrote > 0 { Duration::ZERO } else { wait };
         match poll.poll(&mut events, Some(timeout)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -268,16 +258,13 @@ impl Drivers {
         let per = total.div_ceil(threads);
         let mut rest = devices;
         let mut handles = Vec::with_capacity(threads);
-        let mut index0 = 0;
         while !rest.is_empty() {
             let tail = rest.split_off(per.min(rest.len()));
             let mine = std::mem::replace(&mut rest, tail);
-            let count = mine.len();
             let (shared, interrupted) = (shared.clone(), interrupted.clone());
             handles.push(std::thread::spawn(move || {
-                drive(mine, index0, total, plan, shared, deadline, interrupted)
+                drive(mine, total, plan, shared, deadline, interrupted)
             }));
-            index0 += count;
         }
         Drivers { handles, shared }
     }

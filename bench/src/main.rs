@@ -91,6 +91,10 @@ struct Cli {
     /// Start a gateway on a loopback port (the default for connect/idle).
     #[arg(long)]
     spawn: bool,
+    /// Run the spawned gateway with `serve --memory` (the embedded hub
+    /// keeps nothing on disk).
+    #[arg(long, conflicts_with = "gateway")]
+    memory: bool,
     /// Shards of the spawned gateway.
     #[arg(long, default_value_t = 1)]
     shards: usize,
@@ -401,7 +405,14 @@ fn target(cli: &Cli, ctx: &Context, pki: &Pki) -> Result<(Target, Arc<ClientConf
         Some(b) => b.clone(),
         None => gateway::default_binary()?,
     };
-    let spawned = SpawnedGateway::start(&binary, pki, cli.shards, &client, &ctx.interrupted)?;
+    let spawned = SpawnedGateway::start(
+        &binary,
+        pki,
+        cli.shards,
+        cli.memory,
+        &client,
+        &ctx.interrupted,
+    )?;
     println!(
         "gateway pid {} on {} ({} shard{})",
         spawned.pid(),

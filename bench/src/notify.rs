@@ -385,6 +385,7 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
     let before = HubCounts::read(&mut http)?;
     let sent_before = shared.sent.load(Ordering::Relaxed);
     let cpu_before = gw_cpu();
+    let threads_before = pid.and_then(|p| procfs::threads_cpu_ticks(p).ok());
     let self_before = procfs::self_cpu_ticks().ok();
     let started = Instant::now();
     let start_ns = live::unix_ns();
@@ -398,6 +399,7 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
     let drained = drain(&shared, DRAIN_LIMIT, &ctx.interrupted);
     let wall_s = started.elapsed().as_secs_f64();
     let cpu_after = gw_cpu();
+    let threads_after = pid.and_then(|p| procfs::threads_cpu_ticks(p).ok());
     let self_after = procfs::self_cpu_ticks().ok();
     let after = HubCounts::read(&mut http)?;
     let sent = shared.sent.load(Ordering::Relaxed) - sent_before;
@@ -502,6 +504,12 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
     for e in &thread_errors {
         println!("  error: {e}");
     }
+    if let Some((a, b)) = threads_before.as_ref().zip(threads_after.as_ref()) {
+        println!(
+            "  gateway CPU-s by thread: {:?}",
+            procfs::threads_cpu_delta(a, b, ctx.clk_tck)
+        );
+    }
     if let Some(h) = &health {
         h.report_stderr();
     }
@@ -555,9 +563,14 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
         "gateway": {
             "pid": pid,
             "shards": cli.gateway.is_none().then_some(cli.shards),
+            "memory_hub": cli.memory,
             "rss_bytes": rss,
             "cpu_seconds": opt(cpu_s, 3),
             "cpu_system_seconds": opt(cpu_sys_s, 3),
+            "cpu_seconds_by_thread": threads_before
+                .as_ref()
+                .zip(threads_after.as_ref())
+                .map(|(a, b)| procfs::threads_cpu_delta(a, b, ctx.clk_tck)),
             "cpu_utilisation": opt(cpu_s.map(|c| c / wall_s.max(1e-9)), 3),
             "notifications_per_cpu_s": opt(per_cpu_s, 1),
             "cpu_us_per_notification": opt(per_cpu_s.map(|r| 1e6 / r), 3),
