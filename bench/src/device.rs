@@ -12,11 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coap_gateway::auth::tls::{client_config_with, ClientOptions};
-use coap_gateway::coap::{deframer, option, signal, Code, MessageWriter};
+use coap_gateway::coap::{deframer, option, signal, Code, MessageRef, MessageWriter};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection};
 
 use crate::ocf::{self, Registration};
+use crate::twin::TwinModel;
 
 /// Largest message we accept from the gateway.
 const MAX_MESSAGE: usize = 1 << 20;
@@ -118,6 +119,8 @@ pub struct Msg {
     pub code: Code,
     pub token: Vec<u8>,
     pub payload: Vec<u8>,
+    /// The whole frame (for [`MessageRef::parse`]: options).
+    pub frame: Vec<u8>,
 }
 
 /// What [`Device::service`] found on a non-blocking connection.
@@ -137,6 +140,22 @@ pub struct Device {
     next_token: u64,
     /// The socket timeout of every blocking call.
     timeout: Duration,
+    /// A device that keeps a twin answers the gateway's requests with it
+    /// (`twin.rs`); otherwise only the local-endpoints `GET /oic/res`.
+    pub twin: Option<TwinModel>,
+    /// Plaintext being built for one TLS write.
+    scratch: Vec<u8>,
+}
+
+/// What [`Device::pump`] did on a non-blocking connection.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Pumped {
+    pub pings_answered: u64,
+    pub requests_answered: u64,
+    /// Responses and signals nobody waits for.
+    pub other_messages: u64,
+    /// The gateway closed the connection (EOF, close_notify or an error).
+    pub closed: bool,
 }
 
 impl Device {
@@ -166,6 +185,8 @@ impl Device {
             buf: Vec::new(),
             next_token: 1,
             timeout,
+            twin: None,
+            scratch: Vec::new(),
         };
         device
             .handshake()
@@ -236,6 +257,7 @@ impl Device {
                     code: m.code,
                     token: m.token.to_vec(),
                     payload: m.payload.to_vec(),
+                    frame: self.buf[..len].to_vec(),
                 };
                 self.buf.drain(..len);
                 Ok(Some(msg))
@@ -334,11 +356,16 @@ impl Device {
         served
     }
 
-    /// Answers a request of the gateway: its `GET /oic/res` (spec §8.1)
-    /// with one `/oic/d` link, anything else 4.04.
+    /// Answers a request of the gateway: with the twin model when the
+    /// device has one; otherwise its `GET /oic/res` (spec §8.1) with one
+    /// `/oic/d` link, anything else 4.04.
     fn answer(&mut self, request: &Msg) -> io::Result<()> {
         let mut out = Vec::with_capacity(128);
-        if request.code == Code::GET {
+        if let Some(twin) = self.twin.as_mut() {
+            let m = MessageRef::parse(&request.frame)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            twin.answer(&m, &mut out);
+        } else if request.code == Code::GET {
             MessageWriter::new(&mut out, Code::CONTENT, &request.token)
                 .option_uint(option::CONTENT_FORMAT, ocf::OCF_CBOR)
                 .payload(&ocf::local_links_body())
@@ -532,6 +559,222 @@ impl Device {
             }
         }
         seen
+    }
+
+    /// `POST /oic/rd` with `body` (spec §5.7), waiting for its 2.04 while
+    /// answering the gateway's requests. Blocking.
+    pub fn publish(&mut self, body: &[u8]) -> Result<(), DeviceError> {
+        let mut out = Vec::with_capacity(body.len() + 32);
+        let token = self.token();
+        ocf::write_post(&mut out, &token, &["oic", "rd"], body);
+        let failed = |e| DeviceError::new(Stage::Request, e);
+        self.send(&out).map_err(failed)?;
+        let msg = self.response(&token).map_err(failed)?;
+        if msg.code != Code::CHANGED {
+            return Err(DeviceError::new(
+                Stage::Request,
+                format!(
+                    "POST /oic/rd answered {}: {}",
+                    msg.code,
+                    String::from_utf8_lossy(&msg.payload)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Answers the gateway's requests (and Pings) until `done(self)` or
+    /// `wait` has passed; `Ok(false)` on time-out. Blocking, bounded by
+    /// the time and by 64 messages.
+    pub fn serve_until(
+        &mut self,
+        wait: Duration,
+        done: impl Fn(&Device) -> bool,
+    ) -> io::Result<bool> {
+        let until = Instant::now() + wait;
+        let mut result = Ok(false);
+        for _ in 0..64 {
+            if done(self) {
+                result = Ok(true);
+                break;
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            self.sock.set_read_timeout(Some(left))?;
+            match self.recv() {
+                Ok(msg) if msg.code == Code::PING => {
+                    if let Err(e) = self.pong(&msg.token) {
+                        result = Err(e);
+                        break;
+                    }
+                }
+                Ok(msg) if msg.code.is_request() => {
+                    if let Err(e) = self.answer(&msg) {
+                        result = Err(e);
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if matches!(result, Ok(false)) && done(self) {
+            result = Ok(true);
+        }
+        self.sock.set_read_timeout(Some(self.timeout))?;
+        result
+    }
+
+    /// The socket, to register it with a poller (`mio::unix::SourceFd`).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.sock.as_raw_fd()
+    }
+
+    /// Non-blocking: writes what rustls holds; `Ok(true)` when all of it
+    /// went out, `Ok(false)` when the socket is full.
+    pub fn flush_nonblocking(&mut self) -> io::Result<bool> {
+        // Bounded: each write moves at least one byte or stops.
+        for _ in 0..1024 {
+            if !self.tls.wants_write() {
+                return Ok(true);
+            }
+            match self.tls.write_tls(&mut self.sock) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(!self.tls.wants_write())
+    }
+
+    /// Non-blocking: encrypts `plaintext` (one TLS record up to 16 KiB)
+    /// and writes what the socket takes; `Ok(false)` when some is left
+    /// for [`Device::flush_nonblocking`].
+    pub fn write_nonblocking(&mut self, plaintext: &[u8]) -> io::Result<bool> {
+        self.tls.writer().write_all(plaintext)?;
+        self.flush_nonblocking()
+    }
+
+    /// Non-blocking, for a socket a poller found readable (edge
+    /// triggered: reads until the socket would block, up to 256 reads):
+    /// answers Pings and the gateway's requests (with the twin model, see
+    /// [`Device::twin`]), counts the rest.
+    pub fn pump(&mut self) -> Pumped {
+        let mut seen = Pumped::default();
+        let mut chunk = [0u8; 16384];
+        for _ in 0..256 {
+            match self.tls.read_tls(&mut self.sock) {
+                Ok(0) => {
+                    seen.closed = true;
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    seen.closed = true;
+                    return seen;
+                }
+            }
+            if self.tls.process_new_packets().is_err() {
+                seen.closed = true;
+                return seen;
+            }
+            loop {
+                match self.tls.reader().read(&mut chunk) {
+                    Ok(0) => {
+                        seen.closed = true;
+                        break;
+                    }
+                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        seen.closed = true;
+                        return seen;
+                    }
+                }
+            }
+        }
+        let mut consumed = 0;
+        self.scratch.clear();
+        loop {
+            match deframer::next_message(&self.buf[consumed..], MAX_MESSAGE) {
+                Ok(Some((m, len))) => {
+                    consumed += len;
+                    if m.code == Code::PING {
+                        signal::write_pong(&mut self.scratch, m.token, false);
+                        seen.pings_answered += 1;
+                    } else if m.code.is_request() {
+                        match self.twin.as_mut() {
+                            Some(twin) => twin.answer(&m, &mut self.scratch),
+                            None => {
+                                MessageWriter::new(&mut self.scratch, Code::NOT_FOUND, m.token)
+                                    .finish();
+                            }
+                        }
+                        seen.requests_answered += 1;
+                    } else {
+                        seen.other_messages += 1;
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    seen.closed = true;
+                    return seen;
+                }
+            }
+        }
+        self.buf.drain(..consumed);
+        if !self.scratch.is_empty() {
+            let out = std::mem::take(&mut self.scratch);
+            if self.write_nonblocking(&out).is_err() {
+                seen.closed = true;
+            }
+            self.scratch = out;
+        }
+        seen
+    }
+
+    /// Non-blocking: `n` notifications of resource `k` (of the twin model),
+    /// `{"seq", "t"}` with `t` = now, in one TLS record; returns how many
+    /// were written (0 when the resource is not observed) and whether the
+    /// socket took all of it.
+    pub fn notify_nonblocking(&mut self, k: usize, n: usize, t_ns: u64) -> io::Result<(u64, bool)> {
+        let Some(twin) = self.twin.as_mut() else {
+            return Ok((0, true));
+        };
+        self.scratch.clear();
+        let mut written = 0;
+        for _ in 0..n {
+            if twin
+                .write_notification(k, t_ns, &mut self.scratch)
+                .is_none()
+            {
+                break;
+            }
+            written += 1;
+        }
+        if written == 0 {
+            return Ok((0, true));
+        }
+        let out = std::mem::take(&mut self.scratch);
+        let flushed = self.write_nonblocking(&out);
+        self.scratch = out;
+        Ok((written, flushed?))
     }
 
     /// Sends close_notify (best effort) and closes the socket.

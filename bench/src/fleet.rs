@@ -15,10 +15,28 @@ use rustls::ClientConfig;
 use crate::device::{Device, DeviceError, Stage};
 use crate::load::{Errors, LoadResult, StageHistograms, IO_TIMEOUT};
 use crate::ocf::{self, Identity, Registration};
+use crate::twin::TwinModel;
 
 /// How long a device waits for the gateway's `GET /oic/res` after its
 /// first sign-in.
 const LOCAL_ENDPOINTS_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a twin device waits for the gateway to observe all its
+/// resources after publishing them (spec §6.6).
+const TWIN_SYNC_WAIT: Duration = Duration::from_secs(10);
+
+/// What a device does after its sign-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Close the connection.
+    Close,
+    /// Sign in, answer the gateway's `GET /oic/res`, stay connected.
+    SignedIn,
+    /// Keep a twin of this many resources (`twin.rs`): sign in, publish
+    /// them (spec §5.7), answer the gateway's twin requests until it
+    /// observes every one (spec §6.6), stay connected.
+    Twin(usize),
+}
 
 /// A device that signed up.
 pub struct Registered {
@@ -62,9 +80,8 @@ fn now_unix() -> u64 {
 }
 
 /// Signs up every identity from `threads` client threads (identity `i` on
-/// thread `i % threads`). With `keep`, each device then signs in, answers
-/// the gateway's `GET /oic/res`, and its connection is kept (blocking
-/// mode, with socket timeouts); otherwise it closes after the sign-up.
+/// thread `i % threads`), then does what `keep` says; kept connections
+/// are in blocking mode, with socket timeouts.
 pub fn enroll(
     addr: SocketAddr,
     identities: Vec<Identity>,
@@ -72,7 +89,7 @@ pub fn enroll(
     threads: usize,
     deadline: Instant,
     interrupted: &Arc<AtomicBool>,
-    keep: bool,
+    keep: Keep,
 ) -> Enrolled {
     let threads = threads.clamp(1, identities.len().max(1));
     let mut shares: Vec<Vec<Identity>> = (0..threads).map(|_| Vec::new()).collect();
@@ -146,11 +163,14 @@ fn enroll_one(
     addr: SocketAddr,
     identity: Identity,
     authority: &Authority,
-    keep: bool,
+    keep: Keep,
 ) -> Result<EnrollOne, DeviceError> {
     let (mut device, mut timings) = Device::connect(addr, &identity.config, IO_TIMEOUT)?;
+    if let Keep::Twin(resources) = keep {
+        device.twin = Some(TwinModel::new(&identity.id, resources));
+    }
     let code = authority
-        .issue_code(ocf::OWNER, Some(&identity.id), now_unix())
+        .issue_code(identity.owner, Some(&identity.id), now_unix())
         .map_err(|e| DeviceError::new(Stage::SignUp, format!("cannot mint a code: {e}")))?;
     let (registration, took) = device.sign_up(&identity.id, &code, true)?;
     timings.sign_up = Some(took);
@@ -164,13 +184,35 @@ fn enroll_one(
         registration,
         sign_in_body,
     };
-    if !keep {
+    if keep == Keep::Close {
         device.close();
         return Ok((registered, None, timings));
     }
     timings.sign_in = Some(device.sign_in(&registered.sign_in_body, false)?);
-    device
-        .serve_request(LOCAL_ENDPOINTS_WAIT)
-        .map_err(|e| DeviceError::new(Stage::SignIn, e))?;
+    if keep == Keep::SignedIn {
+        device
+            .serve_request(LOCAL_ENDPOINTS_WAIT)
+            .map_err(|e| DeviceError::new(Stage::SignIn, e))?;
+        return Ok((registered, Some(device), timings));
+    }
+    let body = device
+        .twin
+        .as_ref()
+        .map(TwinModel::publish_body)
+        .unwrap_or_default();
+    device.publish(&body)?;
+    let observed = device
+        .serve_until(TWIN_SYNC_WAIT, |d| {
+            d.twin.as_ref().is_some_and(TwinModel::all_observed)
+        })
+        .map_err(|e| DeviceError::new(Stage::Request, e))?;
+    if !observed {
+        return Err(DeviceError::new(
+            Stage::Request,
+            format!(
+                "the gateway did not observe every resource within {TWIN_SYNC_WAIT:?} (spec §6.6)"
+            ),
+        ));
+    }
     Ok((registered, Some(device), timings))
 }

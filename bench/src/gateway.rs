@@ -111,12 +111,13 @@ pub struct SpawnedGateway {
 }
 
 impl SpawnedGateway {
-    /// Starts the binary on a free loopback port with `pki`'s data dir and
-    /// waits until a device can complete a handshake and get the CSM.
+    /// Starts the binary on a free loopback port with `pki`'s data dir
+    /// (with `memory`, `serve --memory`: no hub store) and waits until a device can complete a handshake and get the CSM.
     pub fn start(
         binary: &Path,
         pki: &Pki,
         shards: usize,
+        memory: bool,
         client: &Arc<ClientConfig>,
         interrupted: &Arc<AtomicBool>,
     ) -> Result<SpawnedGateway, String> {
@@ -149,6 +150,8 @@ impl SpawnedGateway {
             .map_err(|e| format!("cannot create {}: {e}", stderr_path.display()))?;
         let child = Command::new(binary)
             .arg("serve")
+            // `serve --memory`: the embedded hub without its store.
+            .args(memory.then_some("--memory"))
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())

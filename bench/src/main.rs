@@ -13,6 +13,11 @@
 //! - `signin`: repeated OCF sign-ins over N established connections, per
 //!   gateway CPU-second, against a bare `jsonwebtoken` ES256 verify loop
 //!   (and the gateway's own validator) in the same run.
+//! - `notify`: N twin devices push notifications; what the embedded hub
+//!   counted per gateway CPU-second, latency device → hub and loss by
+//!   sequence number on sampled devices.
+//! - `command`: HTTP PUTs through the hub's API to N connected devices;
+//!   the round trip's latency and exactly-once delivery.
 //!
 //! Exit codes: 0 measured (goals met or not), 1 runtime failure, 2 usage.
 #![forbid(unsafe_code)]
@@ -21,15 +26,21 @@
 #![allow(clippy::disallowed_methods)]
 
 mod baseline;
+mod command;
 mod device;
 mod fleet;
 mod gateway;
+mod http;
 mod idle;
 mod jwt;
+mod live;
 mod load;
+mod notify;
 mod ocf;
 mod procfs;
+mod seq;
 mod signin;
+mod twin;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -80,6 +91,10 @@ struct Cli {
     /// Start a gateway on a loopback port (the default for connect/idle).
     #[arg(long)]
     spawn: bool,
+    /// Run the spawned gateway with `serve --memory` (the embedded hub
+    /// keeps nothing on disk).
+    #[arg(long, conflicts_with = "gateway")]
+    memory: bool,
     /// Shards of the spawned gateway.
     #[arg(long, default_value_t = 1)]
     shards: usize,
@@ -100,14 +115,40 @@ struct Cli {
     /// min(devices, 1000)).
     #[arg(long)]
     fleet: Option<u64>,
-    /// signin: measured sign-ins in total (default 60000).
+    /// signin: measured sign-ins in total (default 60000); command:
+    /// measured HTTP PUTs (default 20000).
     #[arg(long)]
     requests: Option<u64>,
+    /// notify: resources per device, each observed by the gateway
+    /// (default 1).
+    #[arg(long)]
+    resources: Option<usize>,
+    /// notify: notifications per second over all devices (default: as
+    /// fast as the gateway takes them, within --window).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// notify: at most this many notifications in one write of a device
+    /// (one TLS record; default 8).
+    #[arg(long)]
+    per_write: Option<usize>,
+    /// notify: at most this many notifications sent and not yet counted by
+    /// the hub (default 50000).
+    #[arg(long)]
+    window: Option<u64>,
+    /// notify: devices followed on the hub's event stream for latency and
+    /// loss (default 20).
+    #[arg(long)]
+    sample: Option<usize>,
+    /// command: client threads, each with one HTTP request in flight
+    /// (default 1).
+    #[arg(long)]
+    concurrency: Option<usize>,
     /// With --gateway: its configuration file, to mint sign-up codes with
     /// its authority (key file, issuer); COAP_GATEWAY__… variables apply.
     #[arg(long, requires = "gateway")]
     gateway_config: Option<PathBuf>,
-    /// Client threads (default 4).
+    /// Client threads (default 4; notify, command: device threads,
+    /// default 1).
     #[arg(long)]
     threads: Option<usize>,
     /// With --gateway: directory with the CA (ca.pem, ca-key.pem) that
@@ -195,7 +236,12 @@ impl Context {
 
 fn run(cli: &Cli) -> Result<(), Failure> {
     match cli.scenario {
-        Scenario::Baseline | Scenario::Connect | Scenario::Idle | Scenario::Signin => {}
+        Scenario::Baseline
+        | Scenario::Connect
+        | Scenario::Idle
+        | Scenario::Signin
+        | Scenario::Notify
+        | Scenario::Command => {}
         other => {
             return Err(Failure::Usage(format!(
                 "scenario {} is not available yet",
@@ -235,6 +281,8 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         Scenario::Baseline => baseline_scenario(cli, &ctx)?,
         Scenario::Connect => connect_scenario(cli, &ctx)?,
         Scenario::Signin => signin_scenario(cli, &ctx, open_files)?,
+        Scenario::Notify => notify::scenario(cli, &ctx, open_files)?,
+        Scenario::Command => command::scenario(cli, &ctx, open_files)?,
         _ => idle_scenario(cli, &ctx, open_files)?,
     };
     if ctx.interrupted.load(Ordering::Relaxed) {
@@ -357,7 +405,14 @@ fn target(cli: &Cli, ctx: &Context, pki: &Pki) -> Result<(Target, Arc<ClientConf
         Some(b) => b.clone(),
         None => gateway::default_binary()?,
     };
-    let spawned = SpawnedGateway::start(&binary, pki, cli.shards, &client, &ctx.interrupted)?;
+    let spawned = SpawnedGateway::start(
+        &binary,
+        pki,
+        cli.shards,
+        cli.memory,
+        &client,
+        &ctx.interrupted,
+    )?;
     println!(
         "gateway pid {} on {} ({} shard{})",
         spawned.pid(),
@@ -767,7 +822,7 @@ fn sign_up_fleet(
         ctx.threads,
         Instant::now() + Duration::from_secs(60) + Duration::from_millis(10 * n),
         &ctx.interrupted,
-        false,
+        fleet::Keep::Close,
     );
     let cpu = before
         .zip(gw_cpu())
@@ -891,7 +946,7 @@ fn signin_scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, F
         ctx.threads,
         Instant::now() + Duration::from_secs(60) + Duration::from_millis(10 * devices),
         &ctx.interrupted,
-        true,
+        fleet::Keep::SignedIn,
     );
     let setup_cpu = before
         .zip(gw_cpu())

@@ -19,6 +19,10 @@ use rustls::ClientConfig;
 pub const PROVIDER: &str = "plgd";
 /// The owner every bench device is signed up to.
 pub const OWNER: &str = "bench";
+/// The owner of the devices `notify` follows on the hub's event stream:
+/// the hub hands a subscriber the events of its owner only, so the
+/// stream carries the sampled devices' events and not the whole fleet's.
+pub const SAMPLE_OWNER: &str = "bench-sampled";
 /// `application/vnd.ocf+cbor`.
 pub const OCF_CBOR: u32 = 10000;
 /// What a simulated device lists as its endpoint when the gateway asks
@@ -166,6 +170,8 @@ fn walk_text_fields(
 pub struct Identity {
     pub id: String,
     pub config: Arc<ClientConfig>,
+    /// The owner it signs up to ([`OWNER`] unless changed).
+    pub owner: &'static str,
 }
 
 /// `n` device identities issued by the CA in `pki_dir` (`ca.pem`,
@@ -226,6 +232,7 @@ fn identity(
     Ok(Identity {
         id: id.to_string(),
         config: Arc::new(config),
+        owner: OWNER,
     })
 }
 

@@ -70,6 +70,44 @@ pub fn process_cpu_ticks(pid: u32) -> io::Result<CpuTicks> {
     stat_cpu_ticks(Path::new(&format!("/proc/{pid}/stat")))
 }
 
+/// CPU ticks of each thread of process `pid`, summed by thread name
+/// (`comm`): which of the gateway's threads (shard, hub store, API) did
+/// the work. Threads that exited are missing.
+pub fn threads_cpu_ticks(pid: u32) -> io::Result<std::collections::BTreeMap<String, CpuTicks>> {
+    let mut by_name = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let dir = entry?.path();
+        let (Ok(name), Ok(ticks)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            stat_cpu_ticks(&dir.join("stat")),
+        ) else {
+            continue;
+        };
+        let t: &mut CpuTicks = by_name.entry(name.trim().to_owned()).or_default();
+        t.user += ticks.user;
+        t.system += ticks.system;
+    }
+    Ok(by_name)
+}
+
+/// CPU seconds per thread name between two [`threads_cpu_ticks`]
+/// readings.
+pub fn threads_cpu_delta(
+    before: &std::collections::BTreeMap<String, CpuTicks>,
+    after: &std::collections::BTreeMap<String, CpuTicks>,
+    ticks_per_s: u64,
+) -> std::collections::BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(name, a)| {
+            let b = before.get(name).copied().unwrap_or_default();
+            let s = a.since(b).total() as f64 / ticks_per_s.max(1) as f64;
+            (name.clone(), (s * 1000.0).round() / 1000.0)
+        })
+        .filter(|(_, s)| *s > 0.0)
+        .collect()
+}
+
 /// CPU ticks of this process.
 pub fn self_cpu_ticks() -> io::Result<CpuTicks> {
     stat_cpu_ticks(Path::new("/proc/self/stat"))
@@ -175,5 +213,9 @@ mod tests {
         let tid = current_tid().unwrap();
         assert!(thread_cpu_ticks(tid).is_ok());
         assert!(vm_rss_bytes(std::process::id()).unwrap() > 0);
+        let threads = threads_cpu_ticks(std::process::id()).unwrap();
+        assert!(!threads.is_empty());
+        let later = threads.clone();
+        assert!(threads_cpu_delta(&threads, &later, 100).is_empty());
     }
 }
