@@ -14,6 +14,7 @@
 //! What it does not do: scopes or roles. Every valid token of an owner may
 //! do everything with that owner's devices.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::FromRequestParts;
@@ -35,13 +36,32 @@ pub(super) struct ApiValidator {
     /// refresh, never changed in place, and holding the source `Arc` here
     /// keeps its address from being reused while the entry lives.
     derived: Mutex<Option<(Arc<TokenValidator>, Arc<TokenValidator>)>>,
+    /// Tokens that passed, so a client that sends the same token with
+    /// every request pays for the signature check once (an ES256 verify is
+    /// most of an API request's CPU). Valid for the validator that checked
+    /// them (a key refresh empties it) and until their `exp`.
+    passed: Mutex<Passed>,
 }
+
+/// Owners of tokens that passed, by token.
+#[derive(Default)]
+struct Passed {
+    /// The API validator the entries were checked with.
+    by: Option<Arc<TokenValidator>>,
+    /// token → (owner, `exp`).
+    tokens: HashMap<Box<str>, (Box<str>, Option<u64>)>,
+}
+
+/// Bound of [`Passed`]: emptied when full (tokens of one API user repeat;
+/// a flood of distinct tokens only costs their verification).
+const PASSED_MAX: usize = 4096;
 
 impl ApiValidator {
     pub(super) fn new(shared: Arc<SharedValidator>) -> ApiValidator {
         ApiValidator {
             shared,
             derived: Mutex::new(None),
+            passed: Mutex::new(Passed::default()),
         }
     }
 
@@ -67,8 +87,55 @@ impl ApiValidator {
         Ok(api)
     }
 
-    pub(super) fn validate(&self, token: &str, now_unix: u64) -> Result<VerifiedToken, Refusal> {
+    /// The owner of a valid token: from [`Passed`] when this validator
+    /// already checked it and it has not expired, else checked now.
+    pub(super) fn owner(&self, token: &str, now_unix: u64) -> Result<String, Refusal> {
         let validator = self.current().map_err(Refusal::Settings)?;
+        {
+            let mut passed = self.passed.lock().unwrap_or_else(|p| p.into_inner());
+            if !passed
+                .by
+                .as_ref()
+                .is_some_and(|v| Arc::ptr_eq(v, &validator))
+            {
+                passed.by = Some(validator.clone());
+                passed.tokens.clear();
+            }
+            match passed.tokens.get(token) {
+                // Stricter than the validator: no leeway after `exp`.
+                Some((owner, exp)) if exp.is_none_or(|e| now_unix < e) => {
+                    return Ok(owner.to_string());
+                }
+                Some(_) => {
+                    passed.tokens.remove(token);
+                }
+                None => {}
+            }
+        }
+        let verified = self.validate_with(&validator, token, now_unix)?;
+        let owner = verified.owner().to_owned();
+        let mut passed = self.passed.lock().unwrap_or_else(|p| p.into_inner());
+        if passed
+            .by
+            .as_ref()
+            .is_some_and(|v| Arc::ptr_eq(v, &validator))
+        {
+            if passed.tokens.len() >= PASSED_MAX {
+                passed.tokens.clear();
+            }
+            passed
+                .tokens
+                .insert(token.into(), (owner.as_str().into(), verified.expires_at()));
+        }
+        Ok(owner)
+    }
+
+    fn validate_with(
+        &self,
+        validator: &TokenValidator,
+        token: &str,
+        now_unix: u64,
+    ) -> Result<VerifiedToken, Refusal> {
         validator.validate(token, now_unix).map_err(|e| {
             if e.is_unknown_key() {
                 // spec §4.1: a token naming a key we do not have makes the
@@ -158,9 +225,8 @@ impl FromRequestParts<ApiState> for Caller {
         let validator = state.validator.as_ref().ok_or(Refusal::NoValidator)?;
         let header = parts.headers.get(AUTHORIZATION).ok_or(Refusal::Missing)?;
         let token = bearer_token(header).ok_or(Refusal::NotBearer)?;
-        let verified = validator.validate(token, now_unix())?;
         Ok(Caller {
-            owner: verified.owner().to_owned(),
+            owner: validator.owner(token, now_unix())?,
         })
     }
 }

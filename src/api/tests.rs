@@ -766,8 +766,11 @@ fn the_api_validator_follows_key_refreshes_and_ignores_the_device_claim() {
             .token
     };
     // The shards' validator refuses a user token; the API takes it.
-    assert!(shared.load().validate(&user(&first), now).is_err());
-    assert_eq!(api.validate(&user(&first), now).unwrap().owner(), "alice");
+    let token = user(&first);
+    assert!(shared.load().validate(&token, now).is_err());
+    assert_eq!(api.owner(&token, now).unwrap(), "alice");
+    // Again: from the tokens that passed.
+    assert_eq!(api.owner(&token, now).unwrap(), "alice");
     let a = api.current().unwrap();
     assert!(Arc::ptr_eq(&a, &api.current().unwrap()), "cached");
     assert_eq!(a.settings().mode, AuthorizationMode::ValidToken);
@@ -782,8 +785,19 @@ fn the_api_validator_follows_key_refreshes_and_ignores_the_device_claim() {
     );
     shared.set_keys(second.key_set());
     assert!(!Arc::ptr_eq(&a, &api.current().unwrap()));
-    assert!(api.validate(&user(&first), now).is_err());
-    assert!(api.validate(&user(&second), now).is_ok());
+    assert!(
+        api.owner(&token, now).is_err(),
+        "a token that passed before the refresh is checked again"
+    );
+    assert!(api.owner(&user(&first), now).is_err());
+    assert!(api.owner(&user(&second), now).is_ok());
+    // An expired token is not taken from the tokens that passed.
+    let short = second
+        .issue_user_token("alice", Duration::from_secs(60), now)
+        .unwrap()
+        .token;
+    assert!(api.owner(&short, now).is_ok());
+    assert!(api.owner(&short, now + 3600).is_err());
 }
 
 // -- the twin, commands, events and hub metrics -----------------------------
