@@ -83,10 +83,14 @@ pub fn write_post(out: &mut Vec<u8>, token: &[u8], path: &[&str], body: &[u8]) {
     w.finish();
 }
 
-/// The answer to the gateway's `GET /oic/res`: one `/oic/d` link.
+/// The answer to the gateway's `GET /oic/res` (`if=oic.if.ll`, spec §6.3
+/// and §8.1): `/oic/d` with its endpoint, then `/oic/res` listed as not
+/// batch observable, so the twin set-up (spec §6.6) observes the published
+/// resources one by one, and finds none to observe: a device that only
+/// signs in is IN_SYNC at once and sees no further request.
 pub fn local_links_body() -> Vec<u8> {
-    let mut e = Encoder::new(Vec::with_capacity(96));
-    let _ = e.array(1).and_then(|e| e.map(3));
+    let mut e = Encoder::new(Vec::with_capacity(192));
+    let _ = e.array(2).and_then(|e| e.map(3));
     let _ = e.str("href").and_then(|e| e.str("/oic/d"));
     let _ = e
         .str("rt")
@@ -98,6 +102,22 @@ pub fn local_links_body() -> Vec<u8> {
         .and_then(|e| e.map(1))
         .and_then(|e| e.str("ep"))
         .and_then(|e| e.str(LOCAL_ENDPOINT));
+    let _ = e.map(4);
+    let _ = e.str("href").and_then(|e| e.str("/oic/res"));
+    let _ = e
+        .str("rt")
+        .and_then(|e| e.array(1))
+        .and_then(|e| e.str("oic.wk.res"));
+    let _ = e
+        .str("if")
+        .and_then(|e| e.array(2))
+        .and_then(|e| e.str("oic.if.ll"))
+        .and_then(|e| e.str("oic.if.baseline"));
+    let _ = e
+        .str("p")
+        .and_then(|e| e.map(1))
+        .and_then(|e| e.str("bm"))
+        .and_then(|e| e.u8(1));
     e.into_writer()
 }
 
@@ -268,10 +288,12 @@ mod tests {
     }
 
     #[test]
-    fn links_body_is_one_link() {
+    fn links_body_lists_oic_d_then_a_non_batch_oic_res() {
         let body = local_links_body();
-        let mut d = Decoder::new(&body);
-        assert_eq!(d.array().unwrap(), Some(1));
-        assert_eq!(d.map().unwrap(), Some(3));
+        let links = coap_gateway::ocf::rd::decode_link_list(&body).unwrap();
+        assert_eq!(links.len(), 2);
+        assert_eq!(links[0].href, "/oic/d");
+        assert_eq!(links[1].href, "/oic/res");
+        assert!(!links[1].policy.unwrap().observable());
     }
 }
