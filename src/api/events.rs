@@ -30,17 +30,24 @@
 //! `content` is shown as in `content.rs`. `?deviceId=ID` (repeatable)
 //! keeps the events of those devices only. A comment line is sent every 15
 //! seconds so that proxies keep the connection open. The stream ends when
-//! the hub drops the subscriber (it fell more than the hub's bound behind:
-//! reconnect and re-read the state) and when the API stops.
+//! the hub drops the subscriber (it fell more than the hub's bound behind)
+//! and when the API stops.
 //!
-//! What it does not do: replay (`Last-Event-ID` is not read; the hub keeps
-//! no log to replay from).
+//! A client that reconnects with `Last-Event-ID: N` (WHATWG HTML §9.2.4:
+//! browsers' `EventSource` sends it by itself) first gets the owner's
+//! events after `N` from the hub's durable event log, then the live ones,
+//! without a gap or a repeat: the subscription starts before the log is
+//! read, and live events the replay already gave are skipped. The replay
+//! reaches back `[hub] event_retention` events at most (and gives nothing
+//! with `serve --memory`, which keeps no log); at most [`REPLAY_MAX`]
+//! events per reconnect.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use base64::engine::general_purpose::STANDARD;
@@ -49,10 +56,14 @@ use futures_util::StreamExt;
 use serde_json::{Map, Value};
 
 use super::bearer::Caller;
+use super::commands::blocking;
 use super::content;
 use super::devices::hub;
 use super::{ApiState, Failure};
 use crate::hub::{Event, EventKind};
+
+/// Events replayed to one reconnecting client at most.
+pub const REPLAY_MAX: usize = 10_000;
 
 /// The keep-alive comment interval.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -159,27 +170,61 @@ fn sse_event(event: &Event) -> SseEvent {
 pub(super) async fn stream(
     State(state): State<ApiState>,
     caller: Caller,
+    headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, Failure> {
     let devices: Vec<String> = form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
         .filter(|(name, _)| name == "deviceId")
         .map(|(_, value)| value.to_ascii_lowercase())
         .collect();
-    let receiver = hub(&state)?.subscribe(caller.owner());
+    let last_seen = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    Failure::new(
+                        StatusCode::BAD_REQUEST,
+                        "Last-Event-ID must be the id of an event of this stream",
+                    )
+                })?,
+        ),
+    };
+    let hub = hub(&state)?.clone();
+    // Subscribed before the log is read: nothing falls between the two.
+    let receiver = hub.subscribe(caller.owner());
+    let replay = match last_seen {
+        Some(after) => {
+            let owner = caller.owner().to_owned();
+            blocking(move || hub.events_after(&owner, after, REPLAY_MAX)).await?
+        }
+        None => Vec::new(),
+    };
+    let replayed_to = replay.last().map_or(0, |e| e.seq);
     let mut stopping = state.stopping.subscribe();
     let stopped = async move {
         let _ = stopping.wait_for(|stop| *stop).await;
     };
     // Device IDs are UUIDs: compared without case, as the hub does.
-    let events = receiver
+    let wanted = move |event: &Event| {
+        devices.is_empty() || devices.contains(&event.device_id.to_ascii_lowercase())
+    };
+    let wanted_live = wanted.clone();
+    let replayed = futures_util::stream::iter(
+        replay
+            .into_iter()
+            .filter(|e| wanted(e))
+            .map(|e| Ok::<_, Infallible>(sse_event(&e)))
+            .collect::<Vec<_>>(),
+    );
+    let live = receiver
         .into_stream()
         .filter(move |event: &Arc<Event>| {
-            let keep =
-                devices.is_empty() || devices.contains(&event.device_id.to_ascii_lowercase());
-            std::future::ready(keep)
+            std::future::ready(event.seq > replayed_to && wanted_live(event))
         })
-        .map(|event| Ok::<_, Infallible>(sse_event(&event)))
-        .take_until(Box::pin(stopped));
+        .map(|event| Ok::<_, Infallible>(sse_event(&event)));
+    let events = replayed.chain(live).take_until(Box::pin(stopped));
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response())

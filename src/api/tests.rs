@@ -1630,3 +1630,65 @@ fn metrics_count_the_hubs_work() {
         assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
     }
 }
+
+#[test]
+fn a_reconnecting_event_client_gets_what_it_missed_then_live_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Arc::new(MemoryHub::open(dir.path()).unwrap());
+    let closed = Arc::new(Closed::default());
+    hub.set_connections(closed.clone());
+    let f = Fixture::around(hub, closed);
+    let alice = f.user_token("alice");
+    f.hub.add_device(&ctx("alice", D1)).unwrap();
+    f.hub.add_device(&ctx("bob", D3)).unwrap();
+    f.hub.set_twin_enabled("alice", D1, false, false).unwrap();
+    f.hub.set_twin_enabled("alice", D1, true, false).unwrap();
+    let open = |last: &str| {
+        let response = f
+            .api
+            .agent
+            .get(f.api.url("/api/v1/events"))
+            .header("Authorization", format!("Bearer {alice}"))
+            .header("Last-Event-ID", last)
+            .call()
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        std::io::BufReader::new(response.into_body().into_reader())
+    };
+
+    // From the start of the log: alice's three events, not bob's.
+    let mut all = open("0");
+    let (kind, first, _) = next_event(&mut all);
+    assert_eq!(kind, "device_registered");
+    let (kind, _, data) = next_event(&mut all);
+    assert_eq!(
+        (kind.as_str(), &data["enabled"]),
+        ("twin_enabled", &json!(false))
+    );
+    let (kind, third, data) = next_event(&mut all);
+    assert_eq!(
+        (kind.as_str(), &data["enabled"]),
+        ("twin_enabled", &json!(true))
+    );
+
+    // Reconnecting after the first: the two after it, then a live one,
+    // each once.
+    let mut resumed = open(&first);
+    assert_eq!(next_event(&mut resumed).0, "twin_enabled");
+    assert_eq!(next_event(&mut resumed).1, third);
+    f.hub.set_twin_enabled("alice", D1, false, false).unwrap();
+    let (kind, live, _) = next_event(&mut resumed);
+    assert_eq!(kind, "twin_enabled");
+    assert!(live.parse::<u64>().unwrap() > third.parse::<u64>().unwrap());
+
+    // A Last-Event-ID that is no id of ours is refused.
+    let bad = f
+        .api
+        .agent
+        .get(f.api.url("/api/v1/events"))
+        .header("Authorization", format!("Bearer {alice}"))
+        .header("Last-Event-ID", "yesterday")
+        .call()
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+}

@@ -473,21 +473,6 @@ impl MemoryHub {
         }
     }
 
-    /// The event log of `owner` with seq above `after`, oldest first, at
-    /// most `limit`: committed events within `[hub] event_retention`.
-    /// Empty for a hub without disk.
-    pub fn events_after(
-        &self,
-        owner: &str,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<Event>, HubError> {
-        match &self.store {
-            Some(store) => store.events_after(owner, after, limit),
-            None => Ok(Vec::new()),
-        }
-    }
-
     /// How the hub reaches device connections; set once, after the
     /// transport started. Until then no connection is closed by the hub
     /// and every command stays pending.
@@ -1377,6 +1362,18 @@ impl Hub for MemoryHub {
             st.emit(&owner, &id, owner_ctx(&owner, &id), kind);
             self.stats.commands_expired.fetch_add(1, Ordering::Relaxed);
             st.finish(entry, CommandOutcome::Expired);
+        }
+    }
+
+    fn events_after(&self, owner: &str, after: u64, limit: usize) -> Result<Vec<Event>, HubError> {
+        match &self.store {
+            Some(store) => {
+                // What was emitted but is still on its way to disk belongs
+                // to the answer too.
+                self.flush()?;
+                store.events_after(owner, after, limit)
+            }
+            None => Ok(Vec::new()),
         }
     }
 

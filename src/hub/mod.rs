@@ -385,6 +385,12 @@ pub trait Hub: Send + Sync + fmt::Debug {
     /// disconnects).
     fn subscribe(&self, owner: &str) -> flume::Receiver<std::sync::Arc<Event>>;
 
+    /// The event log of `owner` with `seq` above `after`, oldest first, at
+    /// most `limit`: what a subscriber that saw `after` last has missed
+    /// (within the log's retention; empty for a hub that keeps no log).
+    /// Everything emitted before the call is included.
+    fn events_after(&self, owner: &str, after: u64, limit: usize) -> Result<Vec<Event>, HubError>;
+
     /// Counters for `/metrics`.
     fn stats(&self) -> &HubStats;
 
