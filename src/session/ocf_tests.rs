@@ -28,39 +28,7 @@ struct Flow {
 
 type Sent = (Code, Vec<u8>, Vec<u8>);
 
-fn cbor(value: &serde_json::Value) -> Vec<u8> {
-    fn enc(e: &mut minicbor::Encoder<&mut Vec<u8>>, v: &serde_json::Value) {
-        use serde_json::Value::*;
-        match v {
-            Null => {
-                e.null().unwrap();
-            }
-            Bool(b) => {
-                e.bool(*b).unwrap();
-            }
-            Number(n) => {
-                e.i64(n.as_i64().unwrap()).unwrap();
-            }
-            String(s) => {
-                e.str(s).unwrap();
-            }
-            Array(a) => {
-                e.array(a.len() as u64).unwrap();
-                a.iter().for_each(|v| enc(e, v));
-            }
-            Object(m) => {
-                e.map(m.len() as u64).unwrap();
-                for (k, v) in m {
-                    e.str(k).unwrap();
-                    enc(e, v);
-                }
-            }
-        }
-    }
-    let mut out = Vec::new();
-    enc(&mut minicbor::Encoder::new(&mut out), value);
-    out
-}
+use super::twin_tests::cbor;
 
 fn text(payload: &[u8], key: &str) -> Option<String> {
     let mut d = minicbor::Decoder::new(payload);
