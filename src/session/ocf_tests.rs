@@ -28,7 +28,7 @@ struct Flow {
 
 type Sent = (Code, Vec<u8>, Vec<u8>);
 
-use super::twin_tests::cbor;
+use super::twin_tests::{cbor, encode_request};
 
 fn text(payload: &[u8], key: &str) -> Option<String> {
     let mut d = minicbor::Decoder::new(payload);
@@ -110,23 +110,7 @@ impl Flow {
         queries: &[&str],
         body: Option<&serde_json::Value>,
     ) {
-        let mut out = Vec::new();
-        {
-            let mut w = MessageWriter::new(&mut out, code, b"tk");
-            for segment in path {
-                w.option_str(option::URI_PATH, segment);
-            }
-            if body.is_some() {
-                w.option_uint(option::CONTENT_FORMAT, 10000);
-            }
-            for q in queries {
-                w.option_str(option::URI_QUERY, q);
-            }
-            if let Some(body) = body {
-                w.payload(&cbor(body));
-            }
-            w.finish();
-        }
+        let out = encode_request(code, path, queries, body);
         let (msg, _) = deframer::next_message(&out, 1 << 20).unwrap().unwrap();
         self.session.handle_frame(self.now, self.wall, msg);
         while let Some(ex) = self.session.poll_exchange() {

@@ -144,6 +144,34 @@ pub(super) fn cbor(value: &serde_json::Value) -> Vec<u8> {
     out
 }
 
+/// A device request with token `tk`: Uri-Path segments, Uri-Query
+/// options and a CBOR body (Content-Format 10000).
+pub(super) fn encode_request(
+    code: Code,
+    path: &[&str],
+    queries: &[&str],
+    body: Option<&serde_json::Value>,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    {
+        let mut w = MessageWriter::new(&mut out, code, b"tk");
+        for segment in path {
+            w.option_str(option::URI_PATH, segment);
+        }
+        if body.is_some() {
+            w.option_uint(option::CONTENT_FORMAT, 10000);
+        }
+        for q in queries {
+            w.option_str(option::URI_QUERY, q);
+        }
+        if let Some(body) = body {
+            w.payload(&cbor(body));
+        }
+        w.finish();
+    }
+    out
+}
+
 /// One batch element (spec §6.5 step 4) with a raw `rep`.
 pub(super) struct Element<'a> {
     pub(super) href: &'a str,
@@ -246,24 +274,7 @@ impl Dev {
         queries: &[&str],
         body: Option<&serde_json::Value>,
     ) {
-        let mut out = Vec::new();
-        {
-            let mut w = MessageWriter::new(&mut out, code, b"tk");
-            for segment in path {
-                w.option_str(option::URI_PATH, segment);
-            }
-            if body.is_some() {
-                w.option_uint(option::CONTENT_FORMAT, 10000);
-            }
-            for q in queries {
-                w.option_str(option::URI_QUERY, q);
-            }
-            if let Some(body) = body {
-                w.payload(&cbor(body));
-            }
-            w.finish();
-        }
-        self.feed(&out);
+        self.feed(&encode_request(code, path, queries, body));
     }
 
     /// Everything the session queued for the device.
@@ -354,6 +365,19 @@ impl Dev {
         assert_eq!(local.queries(), ["if=oic.if.ll", "rt=oic.wk.d"]);
         self.answer(&local, Code::CONTENT, None, Some(10000), &cbor(&serde_json::json!([{"href": "/oic/d", "eps": [{"ep": "coap+tcp://10.0.0.1:5683"}]}])));
         self.one_request()
+    }
+
+    /// Signs in and answers the twin's link-list GET (spec §6.3) with
+    /// these links, `/oic/res` batch observable or not.
+    pub(super) fn sign_in_with_links(&mut self, batch: bool, hrefs: &[&str]) {
+        let discover = self.sign_in_to_discovery();
+        self.answer(
+            &discover,
+            Code::CONTENT,
+            None,
+            Some(10000),
+            &link_list(batch, hrefs),
+        );
     }
 
     pub(super) fn twin_state(&self) -> TwinState {
@@ -527,14 +551,7 @@ fn a_2_03_batch_answer_without_payload_is_not_forwarded_but_completes_sync() {
     dev.hub.set_offline(D, ConnectionRef(1));
     let events = dev.hub.subscribe(OWNER);
 
-    let discover = dev.sign_in_to_discovery();
-    dev.answer(
-        &discover,
-        Code::CONTENT,
-        None,
-        Some(10000),
-        &link_list(true, &["/light"]),
-    );
+    dev.sign_in_with_links(true, &["/light"]);
     let observe = dev.one_request();
     let etags = observe.values(option::ETAG);
     assert_eq!(etags.len(), 1);
@@ -564,14 +581,7 @@ fn a_2_03_batch_answer_without_payload_is_not_forwarded_but_completes_sync() {
 #[test]
 fn a_batch_notification_in_another_format_closes() {
     let mut dev = Dev::new(false, vec![]);
-    let discover = dev.sign_in_to_discovery();
-    dev.answer(
-        &discover,
-        Code::CONTENT,
-        None,
-        Some(10000),
-        &link_list(true, &[]),
-    );
+    dev.sign_in_with_links(true, &[]);
     let observe = dev.one_request();
     dev.answer(&observe, Code::CONTENT, Some(1), Some(50), b"[]");
     assert!(matches!(
@@ -580,14 +590,7 @@ fn a_batch_notification_in_another_format_closes() {
     ));
     // A first answer without Observe also fails the batch observation.
     let mut dev = Dev::new(false, vec![]);
-    let discover = dev.sign_in_to_discovery();
-    dev.answer(
-        &discover,
-        Code::CONTENT,
-        None,
-        Some(10000),
-        &link_list(true, &[]),
-    );
+    dev.sign_in_with_links(true, &[]);
     let observe = dev.one_request();
     dev.answer(&observe, Code::CONTENT, None, Some(10000), &batch(&[]));
     assert!(matches!(
@@ -615,14 +618,7 @@ fn links_the_device_no_longer_has_are_unpublished_at_sign_in() {
         false,
         vec![link("/light", "core.light", 3), link("/old", "x.old", 3)],
     );
-    let discover = dev.sign_in_to_discovery();
-    dev.answer(
-        &discover,
-        Code::CONTENT,
-        None,
-        Some(10000),
-        &link_list(true, &["/light"]),
-    );
+    dev.sign_in_with_links(true, &["/light"]);
     assert_eq!(dev.published(), ["/light"]);
 }
 
@@ -630,14 +626,7 @@ fn links_the_device_no_longer_has_are_unpublished_at_sign_in() {
 fn require_batch_observe_closes_a_device_without_batch_observable_res() {
     // checklist 47.
     let mut dev = Dev::new(true, vec![link("/light", "core.light", 3)]);
-    let discover = dev.sign_in_to_discovery();
-    dev.answer(
-        &discover,
-        Code::CONTENT,
-        None,
-        Some(10000),
-        &link_list(false, &["/light"]),
-    );
+    dev.sign_in_with_links(false, &["/light"]);
     assert!(matches!(
         dev.session.is_closed(),
         Some(CloseReason::TwinSyncFailed(_))
@@ -658,14 +647,7 @@ fn per_resource_mode_observes_observable_links_and_reads_the_others() {
             link("/plgd/s", "x.status", 3),
         ],
     );
-    let discover = dev.sign_in_to_discovery();
-    dev.answer(
-        &discover,
-        Code::CONTENT,
-        None,
-        Some(10000),
-        &link_list(false, &["/light", "/plain", "/plgd/s"]),
-    );
+    dev.sign_in_with_links(false, &["/light", "/plain", "/plgd/s"]);
     assert_eq!(dev.twin_state(), TwinState::Syncing);
     assert_eq!(
         dev.session.twin.as_ref().unwrap().mode(),
@@ -759,14 +741,7 @@ fn per_resource_mode_observes_observable_links_and_reads_the_others() {
 #[test]
 fn a_2_03_without_payload_is_not_forwarded_in_per_resource_mode() {
     let mut dev = Dev::new(false, vec![link("/light", "core.light", 3)]);
-    let discover = dev.sign_in_to_discovery();
-    dev.answer(
-        &discover,
-        Code::CONTENT,
-        None,
-        Some(10000),
-        &link_list(false, &["/light"]),
-    );
+    dev.sign_in_with_links(false, &["/light"]);
     let light = dev.one_request();
     dev.answer(&light, Code::VALID, Some(1), None, &[]);
     assert_eq!(dev.twin_state(), TwinState::InSync);
@@ -776,14 +751,7 @@ fn a_2_03_without_payload_is_not_forwarded_in_per_resource_mode() {
 #[test]
 fn a_refused_per_resource_observation_closes() {
     let mut dev = Dev::new(false, vec![link("/light", "core.light", 3)]);
-    let discover = dev.sign_in_to_discovery();
-    dev.answer(
-        &discover,
-        Code::CONTENT,
-        None,
-        Some(10000),
-        &link_list(false, &["/light"]),
-    );
+    dev.sign_in_with_links(false, &["/light"]);
     let light = dev.one_request();
     dev.answer(&light, Code::UNAUTHORIZED, None, None, &[]);
     assert!(matches!(
@@ -795,14 +763,7 @@ fn a_refused_per_resource_observation_closes() {
 #[test]
 fn a_twin_request_without_answer_closes_after_the_keepalive_timeout() {
     let mut dev = Dev::new(false, vec![]);
-    let discover = dev.sign_in_to_discovery();
-    dev.answer(
-        &discover,
-        Code::CONTENT,
-        None,
-        Some(10000),
-        &link_list(true, &[]),
-    );
+    dev.sign_in_with_links(true, &[]);
     let _observe = dev.one_request();
     // The device keeps the connection alive but never answers.
     for _ in 0..4 {
@@ -823,14 +784,7 @@ fn a_twin_request_without_answer_closes_after_the_keepalive_timeout() {
 fn disabling_the_twin_cancels_observations_and_enabling_recreates_them() {
     // checklist 60, spec §7.5.
     let mut dev = Dev::new(false, vec![link("/light", "core.light", 3)]);
-    let discover = dev.sign_in_to_discovery();
-    dev.answer(
-        &discover,
-        Code::CONTENT,
-        None,
-        Some(10000),
-        &link_list(true, &["/light"]),
-    );
+    dev.sign_in_with_links(true, &["/light"]);
     let observe = dev.one_request();
     dev.answer(&observe, Code::CONTENT, Some(1), Some(10000), &batch(&[]));
     assert_eq!(dev.twin_state(), TwinState::InSync);
@@ -904,14 +858,7 @@ fn a_twin_disabled_in_the_hub_is_not_synchronised() {
 fn sign_out_cancels_observations_on_the_wire() {
     // spec §6.10.
     let mut dev = Dev::new(false, vec![link("/light", "core.light", 3)]);
-    let discover = dev.sign_in_to_discovery();
-    dev.answer(
-        &discover,
-        Code::CONTENT,
-        None,
-        Some(10000),
-        &link_list(false, &["/light"]),
-    );
+    dev.sign_in_with_links(false, &["/light"]);
     let light = dev.one_request();
     dev.answer(
         &light,
@@ -943,14 +890,7 @@ fn sign_out_cancels_observations_on_the_wire() {
 fn a_forced_resync_rebuilds_the_observation_without_etags() {
     // spec §7.5: force rebuilds; spec §6.5 step 2: no ETags when forced.
     let mut dev = Dev::new(false, vec![link("/light", "core.light", 3)]);
-    let discover = dev.sign_in_to_discovery();
-    dev.answer(
-        &discover,
-        Code::CONTENT,
-        None,
-        Some(10000),
-        &link_list(true, &["/light"]),
-    );
+    dev.sign_in_with_links(true, &["/light"]);
     let observe = dev.one_request();
     let payload = batch(&[Element {
         href: "/light",
@@ -997,14 +937,7 @@ fn a_forced_resync_rebuilds_the_observation_without_etags() {
 fn a_hub_that_refuses_notifications_closes_the_connection() {
     // spec §6.7: the hub is out of sync; the device reconnects.
     let mut dev = Dev::new(false, vec![]);
-    let discover = dev.sign_in_to_discovery();
-    dev.answer(
-        &discover,
-        Code::CONTENT,
-        None,
-        Some(10000),
-        &link_list(true, &[]),
-    );
+    dev.sign_in_with_links(true, &[]);
     let observe = dev.one_request();
     // Another connection of the device went ONLINE meanwhile: the hub
     // refuses this one's changes.
