@@ -23,7 +23,7 @@ use crate::http::Http;
 use crate::live::{Drivers, SendPlan};
 use crate::load::{self, Percentiles};
 use crate::notify::{twin_fleet, HubCounts};
-use crate::{procfs, round, Cli, Context, Failure};
+use crate::{check_health, procfs, round, Cli, Context, Failure};
 
 /// Goal of `command` (issue 4): p99 of the HTTP round trip, µs.
 pub const COMMAND_P99_GOAL_US: u64 = 2_000;
@@ -383,18 +383,8 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
     for e in out.samples.iter().chain(thread_errors.iter()) {
         println!("  error: {e}");
     }
-    if let Some((a, b)) = threads_before.as_ref().zip(threads_after.as_ref()) {
-        println!(
-            "  gateway CPU-s by thread: {:?}",
-            procfs::threads_cpu_delta(a, b, ctx.clk_tck)
-        );
-    }
-    if let Some(h) = &health {
-        h.report_stderr();
-    }
-    if let Some(died) = health.as_ref().and_then(|h| h.died()) {
-        return Err(Failure::Runtime(died));
-    }
+    procfs::print_threads_cpu(threads_before.as_ref(), threads_after.as_ref(), ctx.clk_tck);
+    check_health(health.as_ref())?;
     if out.ok == 0 {
         return Err(Failure::Runtime("no command was answered".into()));
     }

@@ -203,6 +203,16 @@ impl From<String> for Failure {
     }
 }
 
+/// Prints what the spawned gateway wrote to stderr; an error when it died
+/// during the run.
+fn check_health(health: Option<&gateway::Health>) -> Result<(), Failure> {
+    let Some(h) = health else {
+        return Ok(());
+    };
+    h.report_stderr();
+    h.died().map_or(Ok(()), |died| Err(Failure::Runtime(died)))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(&cli) {
@@ -1108,12 +1118,7 @@ fn signin_scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, F
     for e in &total.errors.samples {
         println!("  error: {e}");
     }
-    if let Some(h) = &health {
-        h.report_stderr();
-    }
-    if let Some(died) = health.as_ref().and_then(|h| h.died()) {
-        return Err(Failure::Runtime(died));
-    }
+    check_health(health.as_ref())?;
     match ratio {
         Some(r) => println!(
             "ratio gateway/bare jsonwebtoken: {r:.3} (goal >= {SIGNIN_RATIO_GOAL:.2}: {}); gateway/validator {}",
@@ -1320,12 +1325,7 @@ fn idle_scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fai
     for e in &threads.errors.samples {
         println!("  error: {e}");
     }
-    if let Some(h) = &health {
-        h.report_stderr();
-    }
-    if let Some(died) = health.as_ref().and_then(|h| h.died()) {
-        return Err(Failure::Runtime(died));
-    }
+    check_health(health.as_ref())?;
     if connected == 0 {
         return Err(Failure::Runtime("no device could connect".into()));
     }

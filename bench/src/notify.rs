@@ -23,7 +23,10 @@ use crate::http::{self, Http, SseStream};
 use crate::live::{self, Drivers, SendPlan, Shared};
 use crate::load::{self, Percentiles};
 use crate::seq::{SeqReport, SeqTracker};
-use crate::{fleet, ocf, procfs, round, setup_report, sleep_unless, Cli, Context, Failure, Target};
+use crate::{
+    check_health, fleet, ocf, procfs, round, setup_report, sleep_unless, Cli, Context, Failure,
+    Target,
+};
 
 /// Time-out of HTTP calls to the API.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -504,18 +507,8 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
     for e in &thread_errors {
         println!("  error: {e}");
     }
-    if let Some((a, b)) = threads_before.as_ref().zip(threads_after.as_ref()) {
-        println!(
-            "  gateway CPU-s by thread: {:?}",
-            procfs::threads_cpu_delta(a, b, ctx.clk_tck)
-        );
-    }
-    if let Some(h) = &health {
-        h.report_stderr();
-    }
-    if let Some(died) = health.as_ref().and_then(|h| h.died()) {
-        return Err(Failure::Runtime(died));
-    }
+    procfs::print_threads_cpu(threads_before.as_ref(), threads_after.as_ref(), ctx.clk_tck);
+    check_health(health.as_ref())?;
     if d.notifications == 0 {
         return Err(Failure::Runtime("the hub counted no notification".into()));
     }

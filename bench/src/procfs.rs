@@ -90,6 +90,21 @@ pub fn threads_cpu_ticks(pid: u32) -> io::Result<std::collections::BTreeMap<Stri
     Ok(by_name)
 }
 
+/// Prints the gateway's CPU seconds per thread over a run, when both
+/// readings were taken.
+pub fn print_threads_cpu(
+    before: Option<&std::collections::BTreeMap<String, CpuTicks>>,
+    after: Option<&std::collections::BTreeMap<String, CpuTicks>>,
+    clk_tck: u64,
+) {
+    if let Some((a, b)) = before.zip(after) {
+        println!(
+            "  gateway CPU-s by thread: {:?}",
+            threads_cpu_delta(a, b, clk_tck)
+        );
+    }
+}
+
 /// CPU seconds per thread name between two [`threads_cpu_ticks`]
 /// readings.
 pub fn threads_cpu_delta(
