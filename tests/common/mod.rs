@@ -2,6 +2,7 @@
 //! process on a loopback port, and a blocking CoAP-over-TLS test device.
 #![allow(dead_code)]
 
+pub mod nats;
 pub mod ocf;
 pub mod process;
 
@@ -19,6 +20,11 @@ use coap_gateway::server;
 /// A development PKI in a temporary directory, with device certificates.
 pub struct TestPki {
     pub dir: tempfile::TempDir,
+    /// `[hub.nats] prefix` of the gateways of this test in the NATS pass
+    /// (`COAP_GATEWAY_TEST_HUB=nats`): one per test, kept by every
+    /// gateway the test starts on this PKI, as the embedded hub keeps its
+    /// data dir.
+    pub nats_prefix: String,
 }
 
 pub const DEVICE_ID: &str = "5bbc55bb-686f-4068-6c2d-75c4a8b4f49a";
@@ -35,7 +41,10 @@ impl TestPki {
         let other = dir.path().join("other");
         pki::init(&other, uuid::Uuid::new_v4(), false).expect("other pki");
         pki::device(&other, id, &dir.path().join("foreign"), false).expect("foreign cert");
-        TestPki { dir }
+        TestPki {
+            dir,
+            nats_prefix: nats::unique_prefix(),
+        }
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -53,9 +62,23 @@ impl TestPki {
         (d.join("device.pem"), d.join("device-key.pem"))
     }
 
-    /// A gateway config on a free loopback port with this PKI.
+    /// A gateway config on a free loopback port with this PKI; its hub is
+    /// the embedded one, or in the NATS pass the shared nats-server's
+    /// under this test's prefix.
     pub fn config(&self, client_auth: ClientAuth) -> Config {
-        let mut config = Config::with_data_dir(self.dir.path());
+        let mut config = if nats::nats_pass() {
+            // Parsed rather than set field by field: `[hub.nats]` is the
+            // NATS backend's part of the config.
+            let text = format!(
+                "[hub]\ndata_dir = {:?}\n{}",
+                self.dir.path().to_str().expect("utf-8 path"),
+                nats::hub_toml(&nats::shared().url(), &self.nats_prefix, "")
+            );
+            Config::from_toml_str(&text)
+                .unwrap_or_else(|e| panic!("the NATS pass's config: {e}\n{text}"))
+        } else {
+            Config::with_data_dir(self.dir.path())
+        };
         config.coap.address = "127.0.0.1:0".parse().expect("addr");
         config.coap.shards = 1;
         config.coap.tls.client_auth = client_auth;
