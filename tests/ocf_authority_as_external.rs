@@ -27,6 +27,9 @@ fn free_port() -> u16 {
         .port()
 }
 
+// Embedded hub only (scripts/test skips it in the NATS pass): it checks
+// that A and B keep separate hubs, whereas on NATS the two gateways of one
+// test share theirs.
 #[test]
 fn a_gateway_signs_devices_up_against_another_gateways_authority() {
     let pki = TestPki::new();
