@@ -96,8 +96,12 @@ impl TestGateway {
         self.running().runtime.stats()
     }
 
+    /// The embedded hub (`[hub] kind = "embedded"`, what these in-process
+    /// gateways run).
     pub fn hub(&self) -> &Arc<coap_gateway::hub::MemoryHub> {
-        &self.running().hub
+        self.running()
+            .embedded_hub()
+            .expect("the gateway runs the embedded hub")
     }
 
     pub fn authority(&self) -> &Arc<coap_gateway::auth::authority::Authority> {
