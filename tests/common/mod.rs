@@ -104,6 +104,11 @@ impl TestGateway {
             .expect("the gateway runs the embedded hub")
     }
 
+    /// The hub whichever the back end (`[hub] kind`).
+    pub fn any_hub(&self) -> &Arc<dyn coap_gateway::hub::Hub> {
+        &self.running().hub
+    }
+
     pub fn authority(&self) -> &Arc<coap_gateway::auth::authority::Authority> {
         self.running()
             .authority()
