@@ -190,17 +190,34 @@ fn is_light_post(m: &Msg) -> bool {
 }
 
 /// Every event of `OWNER` the hub has, replayed by `api`'s node from its
-/// log (`Last-Event-ID: 0`), until the stream is quiet for a second.
+/// log (`Last-Event-ID: 0`), until the stream is quiet for a second. A
+/// replay the node refuses with 503 (the broker did not answer in time,
+/// e.g. while a stream elects a new leader) is asked again, for
+/// [`PATIENCE`] at most; an answered one must be whole.
 fn all_events(api: &Api) -> Vec<SseEvent> {
-    let mut stream = api.events("", Some(0), Duration::from_secs(60));
-    let events = stream.until_quiet(Duration::from_secs(1), Duration::from_secs(30));
-    if let Some(why) = &stream.ended {
-        assert!(
-            !events.is_empty() || !why.starts_with("GET"),
-            "the event replay failed: {why}"
-        );
+    let started = Instant::now();
+    let mut refusals = Vec::new();
+    loop {
+        let mut stream = api.events("", Some(0), Duration::from_secs(60));
+        let events = stream.until_quiet(PATIENCE, Duration::from_secs(1), Duration::from_secs(30));
+        match &stream.ended {
+            Some(why) if events.is_empty() && why.contains(": 503 ") => {
+                refusals.push(format!("{:?}: {why}", started.elapsed()));
+                assert!(
+                    started.elapsed() < PATIENCE,
+                    "the event replay was refused for {PATIENCE:?}: {refusals:#?}"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Some(why) if events.is_empty() => panic!("the event replay failed: {why}"),
+            _ => {
+                if !refusals.is_empty() {
+                    eprintln!("the event replay was refused first: {refusals:#?}");
+                }
+                return events;
+            }
+        }
     }
-    events
 }
 
 /// How often each `seq` of `/light` appears in the `resource_changed`
@@ -215,6 +232,20 @@ fn light_seqs(events: &[SseEvent]) -> BTreeMap<u64, usize> {
         }
     }
     seen
+}
+
+/// The kinds and ids of `events`, for a failure message.
+fn summary(events: &[SseEvent]) -> String {
+    let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+    for e in events {
+        *kinds.entry(e.event.as_str()).or_insert(0) += 1;
+    }
+    format!(
+        "{} events, ids {:?}..{:?}, {kinds:?}",
+        events.len(),
+        events.first().and_then(|e| e.id),
+        events.last().and_then(|e| e.id)
+    )
 }
 
 fn answered(events: &[SseEvent], correlation_id: &str) -> Vec<SseEvent> {
@@ -566,8 +597,11 @@ fn a_nats_node_dies_during_a_notification_load_on_an_r3_cluster_and_no_event_is_
         .collect();
     assert!(
         lost.is_empty() && duplicated.is_empty(),
-        "lost {lost:?}, duplicated {duplicated:?} (node {victim_name} killed at seq {})\n{}",
+        "lost {} {lost:?}, duplicated {duplicated:?} (node {victim_name} killed at seq {}); \
+         the replay: {}\n{}",
+        lost.len(),
         NOTIFICATIONS / 3,
+        summary(&events),
         ctx(&cluster)
     );
     dev.assert_open();

@@ -84,6 +84,23 @@ pub fn unique_prefix() -> String {
     format!("t{}x{n}x{nanos:x}", std::process::id())
 }
 
+/// `k` free loopback ports, no two the same (each [`free_port`] is free
+/// when asked, but two calls may give the same one).
+pub fn distinct_ports(k: usize) -> Vec<u16> {
+    let mut ports: Vec<u16> = Vec::with_capacity(k);
+    for _ in 0..k * 10 {
+        if ports.len() == k {
+            break;
+        }
+        let p = free_port();
+        if !ports.contains(&p) {
+            ports.push(p);
+        }
+    }
+    assert_eq!(ports.len(), k, "{k} distinct free ports");
+    ports
+}
+
 /// GET `http://127.0.0.1:<port><path>` as JSON; `None` when the server
 /// does not answer (yet) or answers something else than 200 with JSON.
 pub fn monitor_json(port: u16, path: &str) -> Option<Value> {
@@ -228,20 +245,40 @@ impl NatsServer {
     /// the JetStream config, and with `cluster_size` a meta leader
     /// elected in a meta group of that size.
     pub fn jetstream_ready(&self, cluster_size: Option<u64>) -> bool {
-        let healthy =
-            monitor_json(self.monitor_port, "/healthz").is_some_and(|h| h["status"] == "ok");
-        let Some(jsz) = self.jsz().filter(|_| healthy) else {
-            return false;
-        };
-        if jsz["config"].is_null() {
-            return false;
+        self.readiness(cluster_size).is_ok()
+    }
+
+    /// [`jetstream_ready`](Self::jetstream_ready), or what is missing.
+    pub fn readiness(&self, cluster_size: Option<u64>) -> Result<(), String> {
+        let health = monitor_json(self.monitor_port, "/healthz");
+        if !health.as_ref().is_some_and(|h| h["status"] == "ok") {
+            return Err(format!("/healthz: {health:?}"));
         }
-        match cluster_size {
-            None => true,
-            Some(n) => {
-                let meta = &jsz["meta_cluster"];
-                meta["leader"].as_str().is_some_and(|l| !l.is_empty())
-                    && meta["cluster_size"].as_u64() == Some(n)
+        let jsz = self.jsz().ok_or("/jsz does not answer")?;
+        if jsz["config"].is_null() {
+            return Err(format!("/jsz without JetStream config: {jsz}"));
+        }
+        if let Some(n) = cluster_size {
+            let meta = &jsz["meta_cluster"];
+            let led = meta["leader"].as_str().is_some_and(|l| !l.is_empty());
+            if !led || meta["cluster_size"].as_u64() != Some(n) {
+                return Err(format!(
+                    "/jsz meta_cluster (want {n} nodes and a leader): {meta}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Panics with the log if the server process has exited.
+    fn assert_alive(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "nats-server {} exited: {status}\n{}",
+                    self.name,
+                    self.log_text()
+                );
             }
         }
     }
@@ -251,21 +288,14 @@ impl NatsServer {
     pub fn wait_ready(&mut self, cluster_size: Option<u64>, limit: Duration) {
         let started = Instant::now();
         loop {
-            if self.jetstream_ready(cluster_size) {
-                return;
-            }
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!(
-                        "nats-server {} exited: {status}\n{}",
-                        self.name,
-                        self.log_text()
-                    );
-                }
-            }
+            let why = match self.readiness(cluster_size) {
+                Ok(()) => return,
+                Err(why) => why,
+            };
+            self.assert_alive();
             assert!(
                 started.elapsed() < limit,
-                "nats-server {}: JetStream not ready within {limit:?}\n{}",
+                "nats-server {}: JetStream not ready within {limit:?}: {why}\n{}",
                 self.name,
                 self.log_text()
             );
@@ -332,13 +362,16 @@ impl NatsCluster {
     pub fn start(n: usize) -> NatsCluster {
         assert!(n >= 1, "a cluster of at least one node");
         let dir = tempfile::tempdir().expect("tempdir");
-        let route_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        // Client, monitoring and route ports, all distinct.
+        let mut ports = distinct_ports(3 * n).into_iter();
+        let mut take = || ports.next().expect("enough ports");
+        let route_ports: Vec<u16> = (0..n).map(|_| take()).collect();
         let cluster_name = format!("c{}", unique_prefix());
         let mut nodes: Vec<NatsServer> = route_ports
             .iter()
             .enumerate()
             .map(|(i, port)| {
-                NatsServer::configured(
+                let mut node = NatsServer::configured(
                     dir.path(),
                     &format!("n{}", i + 1),
                     Some(ClusterArgs {
@@ -346,16 +379,51 @@ impl NatsCluster {
                         port: *port,
                         routes: route_ports.clone(),
                     }),
-                )
+                );
+                node.port = take();
+                node.monitor_port = take();
+                node
             })
             .collect();
         for node in &mut nodes {
             node.spawn();
         }
-        for node in &mut nodes {
-            node.wait_ready(Some(n as u64), STARTUP);
+        let mut cluster = NatsCluster { nodes, _dir: dir };
+        cluster.wait_ready(STARTUP);
+        cluster
+    }
+
+    /// Waits until every running node is ready ([`NatsServer::readiness`]
+    /// for the whole cluster's size); panics with every node's log after
+    /// `limit` or when a node exited.
+    pub fn wait_ready(&mut self, limit: Duration) {
+        let size = self.nodes.len() as u64;
+        let started = Instant::now();
+        loop {
+            let mut waiting = Vec::new();
+            for node in &mut self.nodes {
+                if node.child.is_none() {
+                    continue;
+                }
+                if let Err(why) = node.readiness(Some(size)) {
+                    waiting.push(format!("{}: {why}", node.name));
+                }
+            }
+            if waiting.is_empty() {
+                return;
+            }
+            for node in &mut self.nodes {
+                if node.child.is_some() {
+                    node.assert_alive();
+                }
+            }
+            assert!(
+                started.elapsed() < limit,
+                "the NATS cluster is not ready within {limit:?}: {waiting:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
-        NatsCluster { nodes, _dir: dir }
     }
 
     /// Every node's client URL, comma-separated (`[hub.nats] url`).

@@ -526,13 +526,20 @@ impl EventStream {
         }
     }
 
-    /// Every event until none came for `quiet`, the stream ended, or
-    /// `limit` passed.
-    pub fn until_quiet(&mut self, quiet: Duration, limit: Duration) -> Vec<SseEvent> {
+    /// Every event until none came for `quiet` after the first (which
+    /// may take up to `first`: the answer's head waits for a replay), the
+    /// stream ended, or `limit` passed.
+    pub fn until_quiet(
+        &mut self,
+        first: Duration,
+        quiet: Duration,
+        limit: Duration,
+    ) -> Vec<SseEvent> {
         let started = Instant::now();
         let mut events = Vec::new();
         while started.elapsed() < limit {
-            match self.next(quiet) {
+            let wait = if events.is_empty() { first } else { quiet };
+            match self.next(wait) {
                 Some(e) => events.push(e),
                 None => break,
             }
