@@ -230,7 +230,7 @@ fn the_control_plane_expires_pending_commands_and_the_store_keeps_the_outcome() 
     use coap_gateway::hub::{AuthContext, CommandKind, CommandOutcome, EventKind, Hub};
     let pki = common::TestPki::new();
     let mut gw = TestGateway::start(&pki.config(ClientAuth::Identity));
-    let hub = gw.hub().clone();
+    let hub = gw.embedded_hub().clone();
     assert!(hub.is_durable());
     hub.add_device(&AuthContext {
         owner: "alice".into(),

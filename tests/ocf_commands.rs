@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use coap_gateway::coap::{option, Code};
 use coap_gateway::config::Config;
 use coap_gateway::hub::{
-    Command, CommandKind, CommandOutcome, CommandResult, CommandTicket, Content, Hub, Status,
+    Command, CommandKind, CommandOutcome, CommandResult, CommandTicket, Content, Status,
 };
 use common::ocf::*;
 use common::{Msg, TestGateway, TestPki, DEVICE_ID};

@@ -35,7 +35,6 @@ use coap_gateway::auth::authority::{Authority, AuthoritySettings, SigningKey};
 use coap_gateway::auth::ClientAuth;
 use coap_gateway::coap::{option, Code};
 use coap_gateway::config::{Config, OAuthProviderConfig};
-use coap_gateway::hub::Hub;
 use common::ocf::{
     body, jwt_claims, now_unix, option_uint, text, OcfDevice, Request, DEVICE_ID_CLAIM, OCF_CBOR,
     OWNER,

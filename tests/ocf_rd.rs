@@ -8,7 +8,6 @@
 mod common;
 
 use coap_gateway::coap::{option, Code};
-use coap_gateway::hub::Hub;
 use common::ocf::*;
 use common::{TestGateway, TestPki, DEVICE_ID};
 use serde_json::{json, Value};

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use coap_gateway::coap::{option, Code};
 use coap_gateway::config::OAuthProviderConfig;
-use coap_gateway::hub::Hub;
 use common::ocf::*;
 use common::{TestGateway, TestPki, DEVICE_ID};
 use serde_json::json;

@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use coap_gateway::coap::{option, Code};
-use coap_gateway::hub::{Hub, Protocol};
+use coap_gateway::hub::Protocol;
 use common::ocf::*;
 use common::{TestGateway, TestPki, DEVICE_ID};
 use serde_json::json;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use coap_gateway::coap::{option, Code};
 use coap_gateway::config::Config;
-use coap_gateway::hub::{EventKind, Hub, ResourceState, Status, TwinState};
+use coap_gateway::hub::{EventKind, ResourceState, Status, TwinState};
 use common::ocf::*;
 use common::{Msg, TestGateway, TestPki, DEVICE_ID};
 use serde_json::json;

@@ -19,7 +19,7 @@ use base64::Engine;
 use coap_gateway::auth::ClientAuth;
 use coap_gateway::coap::{option, signal, Code, MessageWriter};
 use coap_gateway::config::Config;
-use coap_gateway::hub::{AuthContext, ConnectionStatus, DeviceRecord, Hub};
+use coap_gateway::hub::{AuthContext, ConnectionStatus, DeviceRecord};
 use minicbor::data::Type;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::PrivatePkcs8KeyDer;
