@@ -357,6 +357,7 @@ fn item_62_kill_9_of_node_a_makes_its_device_offline_within_the_ttl_and_a_pendin
         || (status_of(&api_b).as_deref() == Some("OFFLINE")).then_some(()),
     );
     let took = killed.elapsed();
+    eprintln!("kill -9 of node A: OFFLINE through B after {took:?}");
     assert!(
         took <= HEARTBEAT_TTL + DETECTION_SLACK,
         "OFFLINE after {took:?}; heartbeat TTL {HEARTBEAT_TTL:?}\n{}",
@@ -450,6 +451,10 @@ fn item_62_sigterm_of_a_gateway_node_makes_its_devices_offline() {
     poll_until(HEARTBEAT_TTL + DETECTION_SLACK, "OFFLINE through B", || {
         (status_of(&api_b).as_deref() == Some("OFFLINE")).then_some(())
     });
+    eprintln!(
+        "SIGTERM of node A: OFFLINE through B {:?} after it exited",
+        stopped.elapsed()
+    );
     assert!(stopped.elapsed() <= HEARTBEAT_TTL + DETECTION_SLACK);
     drop(gw_b);
 }
