@@ -38,6 +38,7 @@ mod load;
 mod notify;
 mod ocf;
 mod procfs;
+mod report;
 mod seq;
 mod signin;
 mod twin;
@@ -98,9 +99,17 @@ struct Cli {
     /// Shards of the spawned gateway.
     #[arg(long, default_value_t = 1)]
     shards: usize,
-    /// Write the JSON report here.
+    /// Write the JSON report here, and its latency-percentile plot next to
+    /// it (same name, `.png`).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Do not draw the plot next to the --out report.
+    #[arg(long)]
+    no_plot: bool,
+    /// Append the run's key figures as a Markdown table row to this file
+    /// (e.g. perf/RESULTS.md), under its "Run log" heading.
+    #[arg(long)]
+    results_md: Option<PathBuf>,
     /// connect, signin: alternate gateway and yardstick this many times,
     /// each round with 1/rounds of the work (connect default 1 = gateway,
     /// then baseline; signin default 6).
@@ -320,6 +329,22 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         std::fs::write(path, text + "\n")
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         println!("report written to {}", path.display());
+        if !cli.no_plot {
+            let png = report::plot_path(path);
+            match report::write_plot(&report, &png) {
+                Ok(true) => println!("latency plot written to {}", png.display()),
+                Ok(false) => {}
+                // The figures are in the JSON already: a missing font
+                // costs the picture, not the run.
+                Err(e) => eprintln!("warning: no plot: {e}"),
+            }
+        }
+    }
+    if let Some(md) = &cli.results_md {
+        let date = humantime::format_rfc3339_seconds(ctx.started).to_string();
+        let row = report::markdown_row(&report, &date[..10], cli.out.as_deref());
+        report::append_row(md, &row)?;
+        println!("row appended to {}", md.display());
     }
     Ok(())
 }

@@ -531,6 +531,10 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
             "warm_up_sent": warm_sent,
         },
         "sent": sent,
+        // Over all devices by count (the hub's counter against what was
+        // sent), and over the sampled devices by sequence number.
+        "lost": sent.saturating_sub(d.notifications).max(seq_total.lost),
+        "duplicated": d.notifications.saturating_sub(sent).max(seq_total.duplicated),
         "hub": {
             "notifications": d.notifications,
             "twin_updates": d.twin_updates,
