@@ -38,6 +38,7 @@ mod load;
 mod notify;
 mod ocf;
 mod procfs;
+mod progress;
 mod report;
 mod seq;
 mod signin;
@@ -103,6 +104,9 @@ struct Cli {
     /// it (same name, `.png`).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// No progress bars (they show only on a terminal anyway).
+    #[arg(long)]
+    no_progress: bool,
     /// Do not draw the plot next to the --out report.
     #[arg(long)]
     no_plot: bool,
@@ -286,6 +290,9 @@ fn run(cli: &Cli) -> Result<(), Failure> {
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, interrupted.clone())
             .map_err(|e| format!("cannot install the handler for signal {signal}: {e}"))?;
+    }
+    if cli.no_progress {
+        progress::disable();
     }
     let open_files = shards::system::raise_nofile_limit();
     let ctx = Context {
@@ -1266,9 +1273,11 @@ fn idle_scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fai
         &ctx.interrupted,
     );
     let mut last_print = Instant::now();
+    let bar = progress::counter("connecting", devices);
     while !clients.all_connected() && !ctx.interrupted.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(20));
-        if last_print.elapsed() >= Duration::from_secs(5) {
+        bar.set_position(clients.shared.connected.load(Ordering::Relaxed));
+        if bar.is_hidden() && last_print.elapsed() >= Duration::from_secs(5) {
             println!(
                 "  {} devices connected",
                 clients.shared.connected.load(Ordering::Relaxed)
@@ -1276,9 +1285,19 @@ fn idle_scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fai
             last_print = Instant::now();
         }
     }
+    bar.finish_and_clear();
     let connect_phase = started.elapsed();
     let connected = clients.shared.connected.load(Ordering::Relaxed);
-    sleep_unless(hold, &ctx.interrupted);
+    let bar = progress::timed("idle", hold);
+    let hold_started = Instant::now();
+    while hold_started.elapsed() < hold && !ctx.interrupted.load(Ordering::Relaxed) {
+        sleep_unless(
+            (hold - hold_started.elapsed()).min(Duration::from_millis(250)),
+            &ctx.interrupted,
+        );
+        bar.set_position(hold_started.elapsed().as_millis() as u64);
+    }
+    bar.finish_and_clear();
     let rss_after = rss(procfs::vm_rss_bytes);
     let anon_after = rss(procfs::rss_anon_bytes);
     let cpu_after = pid.and_then(|p| procfs::process_cpu_ticks(p).ok());
