@@ -92,7 +92,7 @@ fn assert_well_formed(r: &Run, scenario: &str) {
     assert!(
         r.row
             .lines()
-            .any(|l| l.starts_with(&format!("| 20")) && l.contains(&format!("| {scenario} |"))),
+            .any(|l| l.starts_with("| 20") && l.contains(&format!("| {scenario} |"))),
         "{}",
         r.row
     );
