@@ -352,7 +352,7 @@ pub enum HubKind {
     /// In process, kept in `<data_dir>/hub.redb`.
     #[default]
     Embedded,
-    /// NATS JetStream, shared between gateway nodes (not in this build).
+    /// NATS JetStream, shared between gateway nodes (`[hub.nats]`).
     Nats,
 }
 
@@ -360,7 +360,7 @@ pub enum HubKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HubConfig {
-    /// The back end. Default `embedded`; `nats` is refused by this build.
+    /// The back end. Default `embedded`; `nats` uses `[hub.nats]`.
     pub kind: HubKind,
     /// Where the embedded defaults keep their state: the embedded hub's
     /// store `<data_dir>/hub.redb`, the development PKI in
@@ -379,6 +379,162 @@ pub struct HubConfig {
     /// names no deadline (spec §7.4). Greater than zero. Default 10 min.
     #[serde(with = "humantime_serde")]
     pub command_time_to_live: Duration,
+    /// `[hub.nats]`: the broker of `kind = "nats"` (ignored otherwise).
+    pub nats: NatsConfig,
+}
+
+/// `[hub.nats]`: how a node reaches NATS JetStream, which the nodes of one
+/// deployment share (ARCHITECTURE.md "Scale-out").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// The servers, comma-separated (`nats://h1:4222,nats://h2:4222`; a
+    /// `tls://` server is reached over TLS). Default `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// A NATS `.creds` file (user JWT and nkey seed); empty for none.
+    pub credentials_file: PathBuf,
+    /// An auth token; empty for none. Not together with `credentials_file`.
+    pub token: String,
+    /// A CA certificate (PEM) the `tls://` servers are checked against;
+    /// empty for the system's roots.
+    pub tls_ca: PathBuf,
+    /// Replicas of every JetStream stream and bucket (3 on a 3-node
+    /// cluster). 1 to 5. Default 1.
+    pub replicas: usize,
+    /// Prefix of every subject, stream and bucket name, so that several
+    /// deployments (or tests) share one server. Letters, digits, `_`, `-`.
+    /// Default `coapgw`.
+    pub prefix: String,
+    /// Bound of every call to the broker; past it the call fails as
+    /// unavailable (5.03, spec §5.0). Default 2 s.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Node liveness (spec §8.4): a node that did not heartbeat for this
+    /// long has its devices marked OFFLINE by the others. At least 1 s.
+    /// Default 6 s.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_ttl: Duration,
+    /// Device-side changes that may wait for the broker (during an outage)
+    /// before the shards are held back. At least 1. Default 65536.
+    pub buffer: usize,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".to_owned(),
+            credentials_file: PathBuf::new(),
+            token: String::new(),
+            tls_ca: PathBuf::new(),
+            replicas: 1,
+            prefix: "coapgw".to_owned(),
+            request_timeout: Duration::from_secs(2),
+            heartbeat_ttl: Duration::from_secs(6),
+            buffer: 65_536,
+        }
+    }
+}
+
+/// Most replicas JetStream supports for a stream.
+const MAX_NATS_REPLICAS: usize = 5;
+/// The longest `hub.nats.request_timeout`: a hub call holds a shard or an
+/// API request that long at most.
+const MAX_NATS_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// The shortest `hub.nats.heartbeat_ttl`.
+const MIN_NATS_HEARTBEAT_TTL: Duration = Duration::from_secs(1);
+/// The largest `hub.nats.buffer`: past it an outage holds gigabytes.
+const MAX_NATS_BUFFER: usize = 16 * 1024 * 1024;
+
+impl NatsConfig {
+    /// The servers of `url`, trimmed, in order.
+    pub fn servers(&self) -> Vec<String> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let servers = self.servers();
+        if servers.is_empty() {
+            return Err(invalid(
+                "hub.nats.url",
+                "must name at least one server (e.g. \"nats://127.0.0.1:4222\")",
+            ));
+        }
+        for server in &servers {
+            let rest = match server.split_once("://") {
+                Some((scheme, rest)) => {
+                    if !matches!(scheme, "nats" | "tls") {
+                        return Err(invalid(
+                            "hub.nats.url",
+                            format!("{server:?}: the scheme must be nats:// or tls://"),
+                        ));
+                    }
+                    rest
+                }
+                None => server.as_str(),
+            };
+            // `user:pass@host:port` is allowed; what counts is a host.
+            let host_port = rest.rsplit('@').next().unwrap_or_default();
+            if host_port.is_empty() || host_port.starts_with(':') || host_port.contains('/') {
+                return Err(invalid(
+                    "hub.nats.url",
+                    format!("{server:?} is not a server address (e.g. nats://127.0.0.1:4222)"),
+                ));
+            }
+        }
+        if !self.credentials_file.as_os_str().is_empty() && !self.token.is_empty() {
+            return Err(invalid(
+                "hub.nats.token",
+                "set either credentials_file or token, not both",
+            ));
+        }
+        if !(1..=MAX_NATS_REPLICAS).contains(&self.replicas) {
+            return Err(invalid(
+                "hub.nats.replicas",
+                format!("must be between 1 and {MAX_NATS_REPLICAS}"),
+            ));
+        }
+        if self.prefix.is_empty()
+            || !self
+                .prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(invalid(
+                "hub.nats.prefix",
+                "must be letters, digits, '_' or '-' (it names subjects, streams and buckets)",
+            ));
+        }
+        if self.request_timeout.is_zero() || self.request_timeout > MAX_NATS_REQUEST_TIMEOUT {
+            return Err(invalid(
+                "hub.nats.request_timeout",
+                format!(
+                    "must be greater than zero and at most {}",
+                    humantime::format_duration(MAX_NATS_REQUEST_TIMEOUT)
+                ),
+            ));
+        }
+        if self.heartbeat_ttl < MIN_NATS_HEARTBEAT_TTL {
+            return Err(invalid(
+                "hub.nats.heartbeat_ttl",
+                format!(
+                    "must be at least {}",
+                    humantime::format_duration(MIN_NATS_HEARTBEAT_TTL)
+                ),
+            ));
+        }
+        if !(1..=MAX_NATS_BUFFER).contains(&self.buffer) {
+            return Err(invalid(
+                "hub.nats.buffer",
+                format!("must be between 1 and {MAX_NATS_BUFFER}"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[authority]`: the embedded token authority, which issues sign-up codes,
@@ -628,6 +784,7 @@ impl Default for HubConfig {
             event_retention: 100_000,
             commit_interval: Duration::from_millis(2),
             command_time_to_live: Duration::from_secs(600),
+            nats: NatsConfig::default(),
         }
     }
 }
@@ -640,10 +797,7 @@ impl HubConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         if self.kind == HubKind::Nats {
-            return Err(invalid(
-                "hub.kind",
-                "\"nats\" is not available yet in this build; use \"embedded\"",
-            ));
+            self.nats.validate()?;
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("hub.data_dir", "must not be empty (e.g. \"data\")"));
@@ -1531,12 +1685,6 @@ mod tests {
             Config::with_data_dir("x").hub.command_time_to_live,
             Duration::from_secs(600)
         );
-        let nats = Config::from_toml_str("[hub]\nkind = \"nats\"\n").unwrap_err();
-        assert!(
-            matches!(&nats, ConfigError::Invalid { key, message }
-                if key == "hub.kind" && message.contains("not available yet in this build")),
-            "{nats}"
-        );
         for (text, key) in [
             ("event_retention = 0", "hub.event_retention"),
             ("commit_interval = \"2s\"", "hub.commit_interval"),
@@ -1546,6 +1694,67 @@ mod tests {
             assert_eq!(invalid_key(result), key, "{text}");
         }
         assert!(Config::from_toml_str("[hub]\nkind = \"redis\"\n").is_err());
+    }
+
+    #[test]
+    fn hub_nats_keys_parse_and_are_checked() {
+        let c = Config::from_toml_str(
+            "[hub]\nkind = \"nats\"\n[hub.nats]\nurl = \"nats://10.0.0.1:4222, tls://10.0.0.2:4222\"\nreplicas = 3\nprefix = \"t-1\"\nrequest_timeout = \"500ms\"\nheartbeat_ttl = \"3s\"\nbuffer = 10\ntoken = \"s3cret\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.hub.kind, HubKind::Nats);
+        assert_eq!(
+            c.hub.nats.servers(),
+            vec!["nats://10.0.0.1:4222", "tls://10.0.0.2:4222"]
+        );
+        assert_eq!(c.hub.nats.replicas, 3);
+        assert_eq!(c.hub.nats.prefix, "t-1");
+        assert_eq!(c.hub.nats.request_timeout, Duration::from_millis(500));
+        assert_eq!(c.hub.nats.heartbeat_ttl, Duration::from_secs(3));
+        assert_eq!(c.hub.nats.buffer, 10);
+        assert_eq!(c.hub.nats.token, "s3cret");
+        let d = Config::from_toml_str("[hub]\nkind = \"nats\"\n").unwrap();
+        assert_eq!(d.hub.nats, NatsConfig::default());
+        assert_eq!(d.hub.nats.url, "nats://127.0.0.1:4222");
+        assert_eq!(d.hub.nats.prefix, "coapgw");
+        assert_eq!(d.hub.nats.heartbeat_ttl, Duration::from_secs(6));
+        assert_eq!(d.hub.nats.buffer, 65_536);
+        let env = Config::load_with_env(
+            None,
+            vec![
+                ("COAP_GATEWAY__HUB__KIND".to_owned(), "nats".to_owned()),
+                (
+                    "COAP_GATEWAY__HUB__NATS__URL".to_owned(),
+                    "nats://127.0.0.1:5222".to_owned(),
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(env.hub.nats.url, "nats://127.0.0.1:5222");
+        for (text, key) in [
+            ("url = \"\"", "hub.nats.url"),
+            ("url = \"http://x:1\"", "hub.nats.url"),
+            ("url = \"nats://\"", "hub.nats.url"),
+            ("replicas = 0", "hub.nats.replicas"),
+            ("replicas = 6", "hub.nats.replicas"),
+            ("prefix = \"a.b\"", "hub.nats.prefix"),
+            ("prefix = \"\"", "hub.nats.prefix"),
+            ("request_timeout = \"0s\"", "hub.nats.request_timeout"),
+            ("request_timeout = \"2m\"", "hub.nats.request_timeout"),
+            ("heartbeat_ttl = \"500ms\"", "hub.nats.heartbeat_ttl"),
+            ("buffer = 0", "hub.nats.buffer"),
+            (
+                "token = \"t\"\ncredentials_file = \"/x.creds\"",
+                "hub.nats.token",
+            ),
+        ] {
+            let result =
+                Config::from_toml_str(&format!("[hub]\nkind = \"nats\"\n[hub.nats]\n{text}\n"));
+            assert_eq!(invalid_key(result), key, "{text}");
+        }
+        // Checked only when the NATS hub runs.
+        assert!(Config::from_toml_str("[hub.nats]\nreplicas = 0\n").is_ok());
+        assert!(Config::from_toml_str("[hub.nats]\nbogus = 1\n").is_err());
     }
 
     #[test]

@@ -21,8 +21,10 @@ use crate::auth::tls::{self, TlsError, TlsFiles};
 use crate::auth::validator::SharedValidator;
 use crate::auth::ClientAuth;
 use crate::config::Config;
+use crate::config::HubKind;
 use crate::gateway::{GatewayMessage, GatewayService, SenderSlot, ShardConnections};
-use crate::hub::{Hub, MemoryHub, Protocol, StoreError, StoreSettings};
+use crate::hub::nats::{NatsError, NatsHub, NatsSettings};
+use crate::hub::{Connections, Hub, MemoryHub, Protocol, StoreError, StoreSettings};
 use crate::ocf;
 use crate::session::SessionConfig;
 
@@ -38,6 +40,8 @@ pub enum ServeError {
     Auth(String),
     #[error("{0}")]
     Hub(#[from] StoreError),
+    #[error("{0}")]
+    Nats(#[from] NatsError),
 }
 
 /// How [`start_with_options`] runs the gateway beyond its [`Config`].
@@ -50,8 +54,47 @@ pub struct StartOptions {
 /// How often the control plane expires pending commands (spec §7.4).
 const EXPIRY_PERIOD: Duration = Duration::from_secs(1);
 
-/// The hub `[hub]` asks for: durable in `<data_dir>/hub.redb`, or in
-/// memory with `memory`.
+/// The hub back end a gateway runs (`[hub] kind`).
+#[derive(Debug, Clone)]
+pub enum HubBackend {
+    /// In process: durable in `<data_dir>/hub.redb`, or in memory.
+    Embedded(Arc<MemoryHub>),
+    /// NATS JetStream, shared with the other nodes (issue 6).
+    Nats(Arc<NatsHub>),
+}
+
+impl HubBackend {
+    /// The hub behind the trait the sessions and the API use.
+    pub fn hub(&self) -> Arc<dyn Hub> {
+        match self {
+            HubBackend::Embedded(h) => h.clone(),
+            HubBackend::Nats(h) => h.clone(),
+        }
+    }
+
+    fn set_connections(&self, connections: Arc<dyn Connections>) {
+        match self {
+            HubBackend::Embedded(h) => h.set_connections(connections),
+            HubBackend::Nats(h) => h.set_connections(connections),
+        }
+    }
+
+    /// Shutdown: the embedded store commits and closes; the NATS hub
+    /// hands what is queued to the broker (bounded by its timeout).
+    fn close(&self) {
+        match self {
+            HubBackend::Embedded(h) => h.close(),
+            HubBackend::Nats(h) => {
+                if let Err(e) = h.flush() {
+                    tracing::error!("the NATS hub could not hand its last changes over: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// The embedded hub `[hub]` asks for: durable in `<data_dir>/hub.redb`, or
+/// in memory with `memory`.
 pub fn open_hub(config: &Config, memory: bool) -> Result<MemoryHub, StoreError> {
     if memory {
         tracing::warn!("the hub is in memory only (--memory): nothing survives a restart");
@@ -68,6 +111,28 @@ pub fn open_hub(config: &Config, memory: bool) -> Result<MemoryHub, StoreError> 
         "hub store opened"
     );
     Ok(hub)
+}
+
+/// The back end of `[hub] kind`, for the node `service_id`: the NATS hub
+/// registers the node under it (spec §8.1, §8.4). `memory` (`serve
+/// --memory`) runs the embedded hub in memory whatever the kind.
+pub fn open_backend(
+    config: &Config,
+    memory: bool,
+    service_id: &str,
+) -> Result<HubBackend, ServeError> {
+    match config.hub.kind {
+        HubKind::Nats if !memory => {
+            let hub = NatsHub::open(NatsSettings::from_config(&config.hub, service_id))?;
+            Ok(HubBackend::Nats(Arc::new(hub)))
+        }
+        kind => {
+            if kind == HubKind::Nats {
+                tracing::warn!("--memory: hub.kind = \"nats\" is ignored");
+            }
+            Ok(HubBackend::Embedded(Arc::new(open_hub(config, memory)?)))
+        }
+    }
 }
 
 /// Unix ns of the wall clock: the control plane is the IO side.
@@ -104,7 +169,10 @@ pub fn tls_files(config: &Config) -> TlsFiles {
 /// exchanges with external providers, key refresh).
 pub struct Gateway {
     pub runtime: Runtime<GatewayMessage>,
-    pub hub: Arc<MemoryHub>,
+    /// The hub, whichever the back end.
+    pub hub: Arc<dyn Hub>,
+    /// The same hub as its concrete back end.
+    pub backend: HubBackend,
     /// The embedded authority as the OAuth provider devices name, when
     /// `[authority] enabled`.
     pub provider: Option<Arc<EmbeddedProvider>>,
@@ -141,7 +209,15 @@ impl Gateway {
     pub fn join(self) {
         self.runtime.join();
         self.control.shutdown_timeout(Duration::from_secs(1));
-        self.hub.close();
+        self.backend.close();
+    }
+
+    /// The embedded hub, when `[hub] kind = "embedded"`.
+    pub fn embedded_hub(&self) -> Option<&Arc<MemoryHub>> {
+        match &self.backend {
+            HubBackend::Embedded(h) => Some(h),
+            HubBackend::Nats(_) => None,
+        }
     }
 }
 
@@ -202,9 +278,12 @@ pub fn start_with_options(
     options: StartOptions,
 ) -> Result<Gateway, ServeError> {
     prepare_dev_pki(config)?;
+    // spec §8.1: this process's random ID; the NATS hub's node ID.
+    let service_id = uuid::Uuid::new_v4().to_string();
     // The hub first: it loads what the last run left (and marks its
     // devices OFFLINE) before any device can connect.
-    let hub = Arc::new(open_hub(config, options.memory)?);
+    let backend = open_backend(config, options.memory, &service_id)?;
+    let hub = backend.hub();
     let tls = if config.coap.tls.enabled {
         Some(tls::server_config(
             &tls_files(config),
@@ -291,10 +370,9 @@ pub fn start_with_options(
         }
     });
     let sender = SenderSlot::default();
-    hub.set_connections(Arc::new(ShardConnections {
+    backend.set_connections(Arc::new(ShardConnections {
         sender: sender.clone(),
     }));
-    let service_id = uuid::Uuid::new_v4().to_string();
     let discovery_endpoint = Arc::new(OnceLock::new());
 
     let mut runtime = RuntimeConfig::new(config.coap.address, tls);
@@ -334,6 +412,7 @@ pub fn start_with_options(
     Ok(Gateway {
         runtime: rt,
         hub,
+        backend,
         provider,
         validator,
         service_id,

@@ -110,7 +110,7 @@ impl HubMetrics {
 type ReadHub = fn(&HubStats) -> u64;
 
 /// (name, help, read); the `_total` suffix is added by the encoder.
-const HUB_COUNTERS: [(&str, &str, ReadHub); 11] = [
+const HUB_COUNTERS: [(&str, &str, ReadHub); 15] = [
     (
         "hub_sign_ins",
         "devices that went ONLINE (spec §8.1)",
@@ -166,6 +166,26 @@ const HUB_COUNTERS: [(&str, &str, ReadHub); 11] = [
         "failed commits of the embedded hub's store",
         |s| s.store_errors.load(Ordering::Relaxed),
     ),
+    (
+        "hub_nats_queue_full",
+        "NATS hub: hub calls that waited because the queue of changes for the broker was full",
+        |s| s.nats_queue_full.load(Ordering::Relaxed),
+    ),
+    (
+        "hub_nats_published",
+        "NATS hub: changes the broker acknowledged",
+        |s| s.nats_published.load(Ordering::Relaxed),
+    ),
+    (
+        "hub_nats_retries",
+        "NATS hub: broker calls that failed and were retried (outage or timeout)",
+        |s| s.nats_retries.load(Ordering::Relaxed),
+    ),
+    (
+        "hub_nats_failed",
+        "NATS hub: changes the broker refused for good (each logged)",
+        |s| s.nats_failed.load(Ordering::Relaxed),
+    ),
 ];
 
 impl Collector for HubMetrics {
@@ -186,6 +206,16 @@ impl Collector for HubMetrics {
                 let labels = [("status", status.as_str())];
                 ConstCounter::new(stats.answered(status)).encode(family.encode_family(&labels)?)?;
             }
+        }
+        {
+            let depth = stats.nats_queue_depth.load(Ordering::Relaxed);
+            let family = encoder.encode_descriptor(
+                "hub_nats_queue_depth",
+                "NATS hub: changes waiting for the broker (bounded by hub.nats.buffer)",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::try_from(depth).unwrap_or(i64::MAX)).encode(family)?;
         }
         let depth = i64::try_from(self.hub.pending_depth()).unwrap_or(i64::MAX);
         let family = encoder.encode_descriptor(

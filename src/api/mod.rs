@@ -9,7 +9,7 @@
 //! | route | needs | answer |
 //! |---|---|---|
 //! | `GET /healthz` | | `{"status": "ok"}` |
-//! | `GET /readyz` | | `{"status": "ready"}`, 503 before the listeners are up or while draining |
+//! | `GET /readyz` | | `{"status": "ready"}`, 503 before the listeners are up, while draining, or while the hub's back end (NATS) is unreachable |
 //! | `GET /metrics` | | Prometheus (OpenMetrics) text |
 //! | `GET /.well-known/openid-configuration`, `GET /.well-known/jwks.json` | authority | the embedded authority's discovery documents; 404 without it |
 //! | `POST /oauth/token` | provider | RFC 6749 token endpoint, grants `authorization_code` and `refresh_token` (`oauth.rs`) |
@@ -399,13 +399,19 @@ async fn healthz() -> Response {
 }
 
 async fn readyz(State(state): State<ApiState>) -> Response {
-    if state.ready.load(Ordering::SeqCst) && !state.draining.load(Ordering::SeqCst) {
-        Json(serde_json::json!({ "status": "ready" })).into_response()
-    } else {
+    if !state.ready.load(Ordering::SeqCst) || state.draining.load(Ordering::SeqCst) {
         error(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: listeners not up or shutting down",
         )
+    } else if state.hub.as_ref().is_some_and(|hub| !hub.available()) {
+        // issue 6: the hub's broker is unreachable.
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the hub's back end is unreachable",
+        )
+    } else {
+        Json(serde_json::json!({ "status": "ready" })).into_response()
     }
 }
 

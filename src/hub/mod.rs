@@ -9,12 +9,14 @@
 //! that lets the hub disconnect a device (spec §4.9, checklist item 32) and
 //! a second sign-in close the older connection (spec §14 item 13).
 //!
-//! [`memory::MemoryHub`] keeps it in memory. The durable embedded hub
-//! (redb) and the NATS JetStream hub implement the same trait.
+//! [`memory::MemoryHub`] keeps it in memory (durable with redb); the NATS
+//! JetStream hub ([`nats::NatsHub`], several gateway nodes) implements the
+//! same trait.
 
 pub mod command;
 pub mod event;
 pub mod memory;
+pub mod nats;
 pub mod stats;
 pub mod store;
 pub mod twin;
@@ -396,4 +398,11 @@ pub trait Hub: Send + Sync + fmt::Debug {
 
     /// Commands not yet answered, over all devices (a gauge).
     fn pending_depth(&self) -> usize;
+
+    /// Whether the back end can take changes now: the NATS hub answers
+    /// false while its broker is unreachable (issue 6: `/readyz` is
+    /// not-ready then, so the load balancer sends new devices elsewhere).
+    fn available(&self) -> bool {
+        true
+    }
 }

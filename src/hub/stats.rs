@@ -52,6 +52,20 @@ pub struct HubStats {
     /// Times a hub call found the store's queue full and waited for the
     /// disk (backpressure on the shard).
     pub store_queue_full: AtomicU64,
+    /// The NATS hub: device-side changes waiting for the broker now (a
+    /// gauge; bounded by `hub.nats.buffer`).
+    pub nats_queue_depth: AtomicU64,
+    /// The NATS hub: times a hub call found that queue full and waited
+    /// (backpressure on the shard).
+    pub nats_queue_full: AtomicU64,
+    /// The NATS hub: changes the broker acknowledged (JetStream acks).
+    pub nats_published: AtomicU64,
+    /// The NATS hub: attempts that failed and were retried (broker
+    /// unreachable or slow; the queue keeps them in order meanwhile).
+    pub nats_retries: AtomicU64,
+    /// The NATS hub: changes given up after the broker refused them for
+    /// good (logged each; e.g. a record over the server's max payload).
+    pub nats_failed: AtomicU64,
 }
 
 impl HubStats {

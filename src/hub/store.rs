@@ -562,7 +562,7 @@ fn read_events(db: &Database, owner: &str, after: u64, limit: usize) -> Result<V
 
 /// Zero-copy access to a record (FIELD-NOTES: rkyv's `access` needs an
 /// aligned buffer; redb's values are not aligned, so copy first).
-fn access<'a, T>(bytes: &[u8], buf: &'a mut AlignedVec) -> Result<&'a T, String>
+pub(crate) fn access<'a, T>(bytes: &[u8], buf: &'a mut AlignedVec) -> Result<&'a T, String>
 where
     T: rkyv::Portable
         + for<'b> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'b, rancor::Error>>,
@@ -574,7 +574,7 @@ where
     rkyv::access::<T, rancor::Error>(buf).map_err(|e| format!("undecodable record ({e})"))
 }
 
-fn encode<T>(value: &T) -> Result<AlignedVec, String>
+pub(crate) fn encode<T>(value: &T) -> Result<AlignedVec, String>
 where
     T: for<'a> rkyv::Serialize<
         rkyv::api::high::HighSerializer<
@@ -835,15 +835,15 @@ fn remove_device_rows(
 
 // -- codes of the hub's enums ------------------------------------------------
 
-fn status_code(status: Status) -> u8 {
+pub(crate) fn status_code(status: Status) -> u8 {
     STATUSES.iter().position(|s| *s == status).unwrap_or(11) as u8
 }
 
-fn status_of(code: u8) -> Option<Status> {
+pub(crate) fn status_of(code: u8) -> Option<Status> {
     STATUSES.get(usize::from(code)).copied()
 }
 
-fn protocol_code(p: Option<Protocol>) -> u8 {
+pub(crate) fn protocol_code(p: Option<Protocol>) -> u8 {
     match p {
         None => 0,
         Some(Protocol::CoapsTcp) => 1,
@@ -851,7 +851,7 @@ fn protocol_code(p: Option<Protocol>) -> u8 {
     }
 }
 
-fn protocol_of(code: u8) -> Option<Protocol> {
+pub(crate) fn protocol_of(code: u8) -> Option<Protocol> {
     match code {
         1 => Some(Protocol::CoapsTcp),
         2 => Some(Protocol::CoapTcp),
@@ -859,7 +859,7 @@ fn protocol_of(code: u8) -> Option<Protocol> {
     }
 }
 
-fn twin_code(state: TwinState) -> u8 {
+pub(crate) fn twin_code(state: TwinState) -> u8 {
     match state {
         TwinState::OutOfSync => 0,
         TwinState::Syncing => 1,
@@ -868,7 +868,7 @@ fn twin_code(state: TwinState) -> u8 {
     }
 }
 
-fn twin_of(code: u8) -> TwinState {
+pub(crate) fn twin_of(code: u8) -> TwinState {
     match code {
         1 => TwinState::Syncing,
         2 => TwinState::InSync,
@@ -898,7 +898,7 @@ fn operation_of(code: u8) -> Option<Operation> {
     })
 }
 
-fn strings(v: &rkyv::vec::ArchivedVec<rkyv::string::ArchivedString>) -> Vec<String> {
+pub(crate) fn strings(v: &rkyv::vec::ArchivedVec<rkyv::string::ArchivedString>) -> Vec<String> {
     v.iter().map(|s| s.as_str().to_owned()).collect()
 }
 
@@ -908,18 +908,22 @@ fn opt_strings(
     v.as_ref().map(strings)
 }
 
-fn opt_string(v: &rkyv::option::ArchivedOption<rkyv::string::ArchivedString>) -> Option<String> {
+pub(crate) fn opt_string(
+    v: &rkyv::option::ArchivedOption<rkyv::string::ArchivedString>,
+) -> Option<String> {
     v.as_ref().map(|s| s.as_str().to_owned())
 }
 
-fn opt_bytes(v: &rkyv::option::ArchivedOption<rkyv::vec::ArchivedVec<u8>>) -> Option<Vec<u8>> {
+pub(crate) fn opt_bytes(
+    v: &rkyv::option::ArchivedOption<rkyv::vec::ArchivedVec<u8>>,
+) -> Option<Vec<u8>> {
     v.as_ref().map(|b| b.as_slice().to_vec())
 }
 
 // -- records -----------------------------------------------------------------
 
 #[derive(rkyv::Archive, rkyv::Serialize)]
-struct DeviceRec {
+pub(crate) struct DeviceRec {
     device_id: String,
     owner: String,
     online: bool,
@@ -954,7 +958,7 @@ impl From<&DeviceRecord> for DeviceRec {
 }
 
 impl ArchivedDeviceRec {
-    fn to_device(&self) -> DeviceRecord {
+    pub(crate) fn to_device(&self) -> DeviceRecord {
         DeviceRecord {
             device_id: self.device_id.as_str().to_owned(),
             owner: self.owner.as_str().to_owned(),
@@ -992,7 +996,7 @@ struct EndpointRec {
 }
 
 #[derive(rkyv::Archive, rkyv::Serialize)]
-struct LinkRec {
+pub(crate) struct LinkRec {
     href: String,
     device_id: String,
     instance_id: i64,
@@ -1038,7 +1042,7 @@ impl From<&StoredLink> for LinkRec {
 }
 
 impl ArchivedLinkRec {
-    fn to_link(&self) -> StoredLink {
+    pub(crate) fn to_link(&self) -> StoredLink {
         StoredLink {
             href: self.href.as_str().to_owned(),
             device_id: self.device_id.as_str().to_owned(),
@@ -1071,7 +1075,7 @@ impl ArchivedLinkRec {
 }
 
 #[derive(rkyv::Archive, rkyv::Serialize)]
-struct ResourceRec {
+pub(crate) struct ResourceRec {
     href: String,
     data: Vec<u8>,
     content_format: i32,
@@ -1098,7 +1102,7 @@ impl From<&ResourceState> for ResourceRec {
 }
 
 impl ArchivedResourceRec {
-    fn to_state(&self) -> Option<ResourceState> {
+    pub(crate) fn to_state(&self) -> Option<ResourceState> {
         Some(ResourceState {
             href: self.href.as_str().to_owned(),
             content: Content {
@@ -1115,7 +1119,7 @@ impl ArchivedResourceRec {
 }
 
 #[derive(rkyv::Archive, rkyv::Serialize)]
-struct CommandRec {
+pub(crate) struct CommandRec {
     order: u64,
     sent: bool,
     correlation_id: String,
@@ -1132,7 +1136,7 @@ struct CommandRec {
 }
 
 impl CommandRec {
-    fn new(order: u64, sent: bool, c: &Command) -> Self {
+    pub(crate) fn new(order: u64, sent: bool, c: &Command) -> Self {
         let (data, content_format, etags) = match &c.kind {
             CommandKind::Update { content } | CommandKind::Create { content } => {
                 (content.data.clone(), content.content_format, Vec::new())
@@ -1158,7 +1162,7 @@ impl CommandRec {
 }
 
 impl ArchivedCommandRec {
-    fn to_command(&self) -> Option<Command> {
+    pub(crate) fn to_command(&self) -> Option<Command> {
         let content = || Content {
             data: self.data.as_slice().to_vec(),
             content_format: self.content_format.to_native(),
@@ -1249,7 +1253,7 @@ enum EventKindRec {
 }
 
 #[derive(rkyv::Archive, rkyv::Serialize)]
-struct EventRec {
+pub(crate) struct EventRec {
     owner: String,
     device_id: String,
     at_ns: u64,
@@ -1358,7 +1362,7 @@ impl From<&Event> for EventRec {
 }
 
 impl ArchivedEventRec {
-    fn to_event(&self, seq: u64) -> Option<Event> {
+    pub(crate) fn to_event(&self, seq: u64) -> Option<Event> {
         let s = |v: &rkyv::string::ArchivedString| v.as_str().to_owned();
         let kind = match &self.kind {
             ArchivedEventKindRec::DeviceRegistered => EventKind::DeviceRegistered,

@@ -96,7 +96,16 @@ impl TestGateway {
         self.running().runtime.stats()
     }
 
+    /// The embedded hub (`[hub] kind = "embedded"`, what these in-process
+    /// gateways run).
     pub fn hub(&self) -> &Arc<coap_gateway::hub::MemoryHub> {
+        self.running()
+            .embedded_hub()
+            .expect("the gateway runs the embedded hub")
+    }
+
+    /// The hub whichever the back end (`[hub] kind`).
+    pub fn any_hub(&self) -> &Arc<dyn coap_gateway::hub::Hub> {
         &self.running().hub
     }
 
