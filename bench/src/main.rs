@@ -24,8 +24,9 @@
 //!   gateway and libcoap's `coap-server-openssl` side by side, then again
 //!   with idle sessions held open on each (`raw.rs`).
 //!
-//! `idle --procs P` spreads the devices over P child processes of this
-//! binary, each with its own source address (`spread.rs`).
+//! `idle --procs P` and `connect --handshake-only --procs P` spread the
+//! devices over P child processes of this binary, each with its own
+//! source address (`spread.rs`).
 //!
 //! Exit codes: 0 measured (goals met or not), 1 runtime failure, 2 usage.
 #![forbid(unsafe_code)]
@@ -165,8 +166,9 @@ struct Cli {
     /// Debian package libcoap3-bin).
     #[arg(long)]
     libcoap_bin: Option<PathBuf>,
-    /// idle: spread the devices over this many load-generator processes,
-    /// worker i connecting from 127.0.0.(2+i) (default 1: this process).
+    /// idle, connect --handshake-only: spread the devices over this many
+    /// load-generator processes, worker i connecting from 127.0.0.(1+i)
+    /// (default 1: this process).
     #[arg(long)]
     procs: Option<usize>,
     /// Internal: run as worker I of `--procs` (spread.rs).
@@ -310,17 +312,24 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         loadavg_start: procfs::loadavg(),
         busy_steal_start: procfs::machine_busy_and_steal_ticks(),
     };
+    // Worker processes of --procs report to their parent only.
+    match cli.scenario {
+        Scenario::Idle if cli.worker.is_some() => return spread::idle_worker(cli, &ctx),
+        Scenario::Connect if cli.worker.is_some() => return spread::connect_worker(cli, &ctx),
+        _ => {}
+    }
+    let spread = cli.procs.unwrap_or(1) > 1;
     let mut report = match cli.scenario {
         Scenario::Baseline => baseline_scenario(cli, &ctx)?,
+        Scenario::Connect if spread => spread::connect_scenario(cli, &ctx)?,
         Scenario::Connect => connect_scenario(cli, &ctx)?,
         Scenario::Signin => signin_scenario(cli, &ctx, open_files)?,
         Scenario::Notify => notify::scenario(cli, &ctx, open_files)?,
         Scenario::Command => command::scenario(cli, &ctx, open_files)?,
         Scenario::Storm => storm::scenario(cli, &ctx, open_files)?,
         Scenario::Raw => raw::scenario(cli, &ctx, open_files)?,
-        Scenario::Idle if cli.worker.is_some() => return spread::idle_worker(cli, &ctx),
-        Scenario::Idle if cli.procs.unwrap_or(1) > 1 => spread::idle_scenario(cli, &ctx)?,
-        _ => idle_scenario(cli, &ctx, open_files)?,
+        Scenario::Idle if spread => spread::idle_scenario(cli, &ctx)?,
+        Scenario::Idle => idle_scenario(cli, &ctx, open_files)?,
     };
     if ctx.interrupted.load(Ordering::Relaxed) {
         eprintln!(

@@ -4,11 +4,13 @@
 //! before connect), while this process (the parent) owns the gateway,
 //! reads its memory and sums the workers' results.
 //!
-//! The protocol on the workers' stdin/stdout, one line each:
+//! The protocol on the workers' stdin/stdout, one line each. `idle`:
 //! worker → parent `connected <n>` once its connect phase is over;
 //! parent → worker `stop` after the parent read the gateway's memory;
 //! worker → parent `report <json>` with its counts and histograms, then it
-//! exits. Every wait is bounded; a worker that does not answer is killed.
+//! exits. `connect --handshake-only` likewise: `ready` (warmed up), `go`
+//! (the parent read the gateway's CPU), `report <json>`. Every wait is
+//! bounded; a worker that does not answer is killed.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
@@ -176,23 +178,86 @@ pub fn idle_worker(cli: &Cli, ctx: &Context) -> Result<(), Failure> {
     out.flush().map_err(|e| format!("stdout: {e}"))?;
     drop(out);
     // Wait for the parent's `stop` (EOF counts: the parent is gone).
+    wait_for_parent(hold_limit, &ctx.interrupted);
+    let report = clients.stop();
+    say(&format!("report {}", report_json(&report)))
+}
+
+/// One line to the parent.
+fn say(line: &str) -> Result<(), Failure> {
+    let mut out = io::stdout().lock();
+    writeln!(out, "{line}").map_err(|e| format!("stdout: {e}"))?;
+    out.flush()
+        .map_err(|e| Failure::Runtime(format!("stdout: {e}")))
+}
+
+/// Waits (at most `limit`) for a line from the parent on stdin; EOF
+/// counts (the parent is gone).
+fn wait_for_parent(limit: Duration, interrupted: &std::sync::atomic::AtomicBool) {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut line = String::new();
         let _ = io::stdin().lock().read_line(&mut line);
         let _ = tx.send(line);
     });
-    let until = Instant::now() + hold_limit;
-    while Instant::now() < until && !ctx.interrupted.load(Ordering::Relaxed) {
+    let until = Instant::now() + limit;
+    while Instant::now() < until && !interrupted.load(Ordering::Relaxed) {
         if rx.recv_timeout(Duration::from_millis(100)).is_ok() {
             break;
         }
     }
-    let report = clients.stop();
-    let mut out = io::stdout().lock();
-    writeln!(out, "report {}", report_json(&report)).map_err(|e| format!("stdout: {e}"))?;
-    out.flush().map_err(|e| format!("stdout: {e}"))?;
-    Ok(())
+}
+
+/// `connect --handshake-only --worker I`: warms up, says `ready`, waits
+/// for `go`, runs `--devices` handshakes from 127.0.0.(1+I) and reports.
+pub fn connect_worker(cli: &Cli, ctx: &Context) -> Result<(), Failure> {
+    let (Some(i), Some(addr), Some(ca_dir)) = (cli.worker, cli.gateway, &cli.ca_dir) else {
+        return Err(Failure::Usage(
+            "--worker is internal: it needs --gateway and --ca-dir".into(),
+        ));
+    };
+    let ip = worker_ip(i)
+        .ok_or_else(|| Failure::Usage(format!("--worker {i}: at most {MAX_PROCS} workers")))?;
+    SOURCE
+        .set(ip)
+        .map_err(|_| Failure::Runtime("the source address was already set".into()))?;
+    let count = cli.devices.unwrap_or(0);
+    let limit = cli.duration.unwrap_or(Duration::from_secs(120));
+    let scratch = tempfile::Builder::new()
+        .prefix("coap-gateway-bench-worker-")
+        .tempdir()
+        .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+    let config = gateway::external_client_config(ca_dir, scratch.path())?;
+    let plan = load::Plan::Handshake(config);
+    let warm = (count / 20).clamp(10, 100);
+    let _ = load::run(
+        addr,
+        &plan,
+        warm,
+        ctx.threads,
+        Instant::now() + Duration::from_secs(30),
+        &ctx.interrupted,
+    );
+    say("ready")?;
+    wait_for_parent(Duration::from_secs(120), &ctx.interrupted);
+    let r = load::run(
+        addr,
+        &plan,
+        count,
+        ctx.threads,
+        Instant::now() + limit,
+        &ctx.interrupted,
+    );
+    say(&format!(
+        "report {}",
+        json!({
+            "ok": r.ok,
+            "errors": r.errors,
+            "wall_s": r.wall.as_secs_f64(),
+            "cut_short": r.cut_short,
+            "latency": stages_json(&r.latency),
+        })
+    ))
 }
 
 /// A running worker process.
@@ -244,6 +309,235 @@ fn collect(
     got
 }
 
+/// The workers' stdout: (worker, line).
+type Lines = mpsc::Receiver<(usize, String)>;
+
+/// Starts `procs` workers of `scenario` against `addr`, worker `i` with
+/// its share of `devices`; their stdout lines arrive on the receiver.
+fn spawn_workers(
+    scenario: &str,
+    addr: &SocketAddr,
+    ca_dir: &std::path::Path,
+    devices: u64,
+    procs: usize,
+    threads: usize,
+    extra: &[&str],
+) -> Result<(Vec<Worker>, Lines), Failure> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    let (tx, lines) = mpsc::channel::<(usize, String)>();
+    let mut workers = Vec::with_capacity(procs);
+    for i in 0..procs {
+        let share = devices / procs as u64 + u64::from((i as u64) < devices % procs as u64);
+        let ip =
+            worker_ip(i).ok_or_else(|| Failure::Usage(format!("at most {MAX_PROCS} processes")))?;
+        let mut child = Command::new(&exe)
+            .arg(scenario)
+            .args(["--gateway", &addr.to_string()])
+            .arg("--ca-dir")
+            .arg(ca_dir)
+            .args(["--devices", &share.to_string()])
+            .args(["--threads", &threads.to_string()])
+            .args(["--worker", &i.to_string()])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start worker {i} ({}): {e}", exe.display()))?;
+        let stdout = child.stdout.take();
+        let stdin = child.stdin.take();
+        if let Some(stdout) = stdout {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                // Bounded by the worker's life: EOF ends it.
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send((i, line)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        workers.push(Worker {
+            child,
+            stdin,
+            ip,
+            devices: share,
+        });
+    }
+    Ok((workers, lines))
+}
+
+/// Writes `line` to every worker's stdin (and closes it).
+fn tell(workers: &mut [Worker], line: &str) {
+    for w in workers {
+        if let Some(mut stdin) = w.stdin.take() {
+            let _ = stdin.write_all(line.as_bytes());
+            let _ = stdin.write_all(b"\n");
+        }
+    }
+}
+
+/// `connect --handshake-only --procs P`: the gateway's handshakes per
+/// CPU-second with the clients spread over P processes, against bare
+/// rustls measured in this process (`baseline`, as plain `connect` does)
+/// with the same number of handshakes.
+pub fn connect_scenario(cli: &Cli, ctx: &Context) -> Result<Value, Failure> {
+    if !cli.handshake_only {
+        return Err(Failure::Usage(
+            "connect --procs needs --handshake-only: the sign-in set-up keeps its devices in one process"
+                .into(),
+        ));
+    }
+    let count = cli.devices.unwrap_or(5000);
+    let procs = cli.procs.unwrap_or(1).clamp(1, MAX_PROCS);
+    let limit = cli.duration.unwrap_or(Duration::from_secs(120));
+    let pki = gateway::Pki::create()?;
+    let (mut target, client) = crate::target(cli, ctx, &pki)?;
+    let pid = target.pid;
+    let gw_cpu = || pid.and_then(|p| procfs::process_cpu_ticks(p).ok());
+    let (mut workers, lines) = spawn_workers(
+        "connect",
+        &target.addr,
+        &target.ca_dir,
+        count,
+        procs,
+        ctx.threads,
+        &[
+            "--handshake-only",
+            "--duration",
+            &format!("{}s", limit.as_secs()),
+        ],
+    )?;
+    let ready = collect(
+        &lines,
+        procs,
+        "ready",
+        Duration::from_secs(120),
+        &ctx.interrupted,
+    );
+    if let Some(i) = ready.iter().position(Option::is_none) {
+        return Err(Failure::Runtime(format!("worker {i} did not get ready")));
+    }
+    let cpu_before = gw_cpu();
+    let started = Instant::now();
+    tell(&mut workers, "go");
+    let reports = collect(
+        &lines,
+        procs,
+        "report ",
+        limit + Duration::from_secs(60),
+        &ctx.interrupted,
+    );
+    let wall = started.elapsed();
+    let cpu = cpu_before
+        .zip(gw_cpu())
+        .map(|(a, b)| ctx.ticks_to_s(b.since(a).total()));
+    let mut ok = 0;
+    let mut errors = Errors::default();
+    let mut latency = StageHistograms::new();
+    let mut per_process = Vec::new();
+    for (i, (w, r)) in workers.iter().zip(&reports).enumerate() {
+        let r = r
+            .as_ref()
+            .ok_or_else(|| format!("worker {i} sent no report"))?;
+        let v: Value = serde_json::from_str(r).map_err(|e| format!("worker {i}'s report: {e}"))?;
+        let n = v["ok"]
+            .as_u64()
+            .ok_or_else(|| format!("worker {i}'s report has no ok: {v}"))?;
+        let e = errors_from_json(&v["errors"]);
+        per_process.push(json!({
+            "source_ip": w.ip.to_string(),
+            "handshakes": w.devices,
+            "ok": n,
+            "errors": e.total,
+            "wall_s": v["wall_s"],
+        }));
+        ok += n;
+        errors.add(&e);
+        latency.add(&stages_from_json(&v["latency"]));
+    }
+    drop(workers);
+    let rss = pid.and_then(|p| procfs::vm_rss_bytes(p).ok());
+    let health = target.spawned.as_mut().map(|g| g.health());
+    drop(target);
+    let gw_rate = cpu.filter(|c| *c > 0.0).map(|c| ok as f64 / c);
+    let (floor, floor_failures) = crate::run_baseline(ctx, &pki, &client, count, limit)?;
+    let floor_rate = floor.per_cpu_second();
+    let ratio = gw_rate.zip(floor_rate).map(|(g, f)| g / f);
+    let p = Percentiles::of(&latency.total);
+    println!(
+        "gateway: {ok} handshakes from {procs} processes in {:.2} s ({:.0}/s wall), {} errors; gateway CPU {} s -> {} per CPU-s; latency µs p50 {} p99 {}",
+        wall.as_secs_f64(),
+        ok as f64 / wall.as_secs_f64().max(1e-9),
+        errors.total,
+        cpu.map_or("?".into(), |c| format!("{c:.2}")),
+        gw_rate.map_or("?".into(), |r| format!("{r:.0}")),
+        p.p50,
+        p.p99
+    );
+    crate::print_run(
+        "baseline (bare rustls, 1 thread, clients in this process)",
+        &floor,
+        "server thread",
+    );
+    for e in &errors.samples {
+        println!("  error: {e}");
+    }
+    crate::check_health(health.as_ref())?;
+    match ratio {
+        Some(r) => println!(
+            "ratio gateway/baseline: {r:.3} (goal >= {:.2}: {})",
+            crate::CONNECT_RATIO_GOAL,
+            if r >= crate::CONNECT_RATIO_GOAL {
+                "met"
+            } else {
+                "MISSED"
+            }
+        ),
+        None => println!("ratio gateway/baseline: not measured"),
+    }
+    if ok == 0 {
+        return Err(Failure::Runtime(
+            "no connect into the gateway succeeded".into(),
+        ));
+    }
+    Ok(json!({
+        "scenario": "connect",
+        "mode": "handshake",
+        "procs": procs,
+        "devices": count,
+        "rounds": 1,
+        "duration_s": round(wall.as_secs_f64(), 3),
+        "throughput_per_s": round(ok as f64 / wall.as_secs_f64().max(1e-9), 1),
+        "handshakes_per_cpu_s": gw_rate.map(|r| round(r, 1)),
+        "cpu_us_per_connect": gw_rate.map(|r| round(1e6 / r, 1)),
+        "latency_us": p,
+        "stages_us": latency.stages(),
+        "errors": errors,
+        "gateway": {
+            "pid": pid,
+            "shards": cli.gateway.is_none().then_some(cli.shards),
+            "rss_bytes": rss,
+            "cpu_seconds": cpu.map(|c| round(c, 3)),
+            "handshakes_per_cpu_s": gw_rate.map(|r| round(r, 1)),
+            "bytes_per_device": Value::Null,
+            "stderr_lines": health.as_ref().map(|h| h.stderr_lines),
+        },
+        "baseline": crate::merge(
+            floor.summary("handshakes_per_cpu_s"),
+            json!({
+                "what": "bare rustls, 1 thread; its clients in the parent process",
+                "server_failures": floor_failures,
+            }),
+        ),
+        "ratio": ratio.map(|r| round(r, 4)),
+        "per_process": per_process,
+        "goal": { "ratio_min": crate::CONNECT_RATIO_GOAL, "met": ratio.map(|r| r >= crate::CONNECT_RATIO_GOAL) },
+        "client_threads_per_process": ctx.threads,
+    }))
+}
+
 /// `idle --procs P`: the parent side.
 pub fn idle_scenario(cli: &Cli, ctx: &Context) -> Result<Value, Failure> {
     let devices = cli.devices.unwrap_or(10_000);
@@ -276,55 +570,19 @@ pub fn idle_scenario(cli: &Cli, ctx: &Context) -> Result<Value, Failure> {
     let cpu_before = pid.and_then(|p| procfs::process_cpu_ticks(p).ok());
     let sockstat_before = procfs::tcp_sockstat();
 
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
     let connect_limit = Duration::from_secs(90) + Duration::from_millis(devices);
-    let (tx, lines) = mpsc::channel::<(usize, String)>();
-    let mut workers = Vec::with_capacity(procs);
     let started = Instant::now();
-    for i in 0..procs {
-        let share = devices / procs as u64 + u64::from((i as u64) < devices % procs as u64);
-        let ip =
-            worker_ip(i).ok_or_else(|| Failure::Usage(format!("at most {MAX_PROCS} processes")))?;
-        let mut child = Command::new(&exe)
-            .arg("idle")
-            .args(["--gateway", &target.addr.to_string()])
-            .arg("--ca-dir")
-            .arg(&target.ca_dir)
-            .args(["--devices", &share.to_string()])
-            .args(["--threads", &ctx.threads.to_string()])
-            .args(["--worker", &i.to_string()])
-            // The worker's own bound on how long it holds.
-            .args([
-                "--duration",
-                &format!("{}s", (connect_limit + hold).as_secs() + 120),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("cannot start worker {i} ({}): {e}", exe.display()))?;
-        let stdout = child.stdout.take();
-        let stdin = child.stdin.take();
-        if let Some(stdout) = stdout {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                // Bounded by the worker's life: EOF ends it.
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    if tx.send((i, line)).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        workers.push(Worker {
-            child,
-            stdin,
-            ip,
-            devices: share,
-        });
-    }
-    drop(tx);
+    // The worker's own bound on how long it holds.
+    let worker_limit = format!("{}s", (connect_limit + hold).as_secs() + 120);
+    let (mut workers, lines) = spawn_workers(
+        "idle",
+        &target.addr,
+        &target.ca_dir,
+        devices,
+        procs,
+        ctx.threads,
+        &["--duration", &worker_limit],
+    )?;
     let connected_lines = collect(&lines, procs, "connected ", connect_limit, &ctx.interrupted);
     let connect_phase = started.elapsed();
     let connected: u64 = connected_lines
@@ -347,11 +605,7 @@ pub fn idle_scenario(cli: &Cli, ctx: &Context) -> Result<Value, Failure> {
     let cpu_after = pid.and_then(|p| procfs::process_cpu_ticks(p).ok());
     let sockstat_after = procfs::tcp_sockstat();
     let held_for = started.elapsed() - connect_phase;
-    for w in &mut workers {
-        if let Some(mut stdin) = w.stdin.take() {
-            let _ = stdin.write_all(b"stop\n");
-        }
-    }
+    tell(&mut workers, "stop");
     let reports = collect(
         &lines,
         procs,

@@ -137,3 +137,25 @@ fn idle_spreads_devices_over_worker_processes() {
     assert_eq!(u(&r["latency_us"]["count"]), 30, "{r}");
     assert!(r["gateway"]["bytes_per_device"].is_number(), "{r}");
 }
+
+#[test]
+fn connect_spreads_handshakes_over_worker_processes() {
+    let r = run(&[
+        "connect",
+        "--spawn",
+        "--handshake-only",
+        "--procs",
+        "2",
+        "--devices",
+        "40",
+    ]);
+    assert_eq!(r["scenario"], "connect", "{r}");
+    assert_eq!(u(&r["procs"]), 2, "{r}");
+    assert_eq!(u(&r["errors"]["total"]), 0, "{r}");
+    assert_eq!(u(&r["latency_us"]["count"]), 40, "{r}");
+    let per = r["per_process"].as_array().expect("per_process");
+    let oks: Vec<u64> = per.iter().map(|p| u(&p["ok"])).collect();
+    assert_eq!(oks, [20, 20], "{r}");
+    assert_eq!(u(&r["baseline"]["handshakes"]), 40, "{r}");
+    assert!(r["ratio"].is_number(), "{r}");
+}
