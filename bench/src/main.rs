@@ -18,6 +18,15 @@
 //!   sequence number on sampled devices.
 //! - `command`: HTTP PUTs through the hub's API to N connected devices;
 //!   the round trip's latency and exactly-once delivery.
+//! - `storm`: N twin devices disconnect at once and reconnect at once;
+//!   time until the hub shows all back IN_SYNC (`storm.rs`).
+//! - `raw`: pipelined CoAP GETs over coaps+tcp, no OCF, against the
+//!   gateway and libcoap's `coap-server-openssl` side by side, then again
+//!   with idle sessions held open on each (`raw.rs`).
+//!
+//! `idle --procs P` and `connect --handshake-only --procs P` spread the
+//! devices over P child processes of this binary, each with its own
+//! source address (`spread.rs`).
 //!
 //! Exit codes: 0 measured (goals met or not), 1 runtime failure, 2 usage.
 #![forbid(unsafe_code)]
@@ -40,8 +49,11 @@ mod ocf;
 mod procfs;
 mod progress;
 mod report;
+mod raw;
 mod seq;
 mod signin;
+mod spread;
+mod storm;
 mod twin;
 
 use std::net::SocketAddr;
@@ -145,9 +157,36 @@ struct Cli {
     #[arg(long)]
     per_write: Option<usize>,
     /// notify: at most this many notifications sent and not yet counted by
-    /// the hub (default 50000).
+    /// the hub (default 50000); raw: requests outstanding per connection
+    /// (default 16).
     #[arg(long)]
     window: Option<u64>,
+    /// raw: load connections per server, one client thread each (default
+    /// 4).
+    #[arg(long)]
+    connections: Option<usize>,
+    /// raw: mutual-TLS handshakes measured per server (default 2000).
+    #[arg(long)]
+    handshakes: Option<u64>,
+    /// raw: idle authenticated sessions held open on each server during
+    /// the second request pass (default 1000; 0 skips that pass).
+    #[arg(long)]
+    idle: Option<u64>,
+    /// raw: the servers, comma separated: gateway, libcoap (default both).
+    #[arg(long, value_delimiter = ',')]
+    targets: Option<Vec<raw::RawTarget>>,
+    /// raw: libcoap's server binary (default coap-server-openssl on PATH,
+    /// Debian package libcoap3-bin).
+    #[arg(long)]
+    libcoap_bin: Option<PathBuf>,
+    /// idle, connect --handshake-only: spread the devices over this many
+    /// load-generator processes, worker i connecting from 127.0.0.(1+i)
+    /// (default 1: this process).
+    #[arg(long)]
+    procs: Option<usize>,
+    /// Internal: run as worker I of `--procs` (spread.rs).
+    #[arg(long, hide = true)]
+    worker: Option<usize>,
     /// notify: devices followed on the hub's event stream for latency and
     /// loss (default 20).
     #[arg(long)]
@@ -258,20 +297,6 @@ impl Context {
 }
 
 fn run(cli: &Cli) -> Result<(), Failure> {
-    match cli.scenario {
-        Scenario::Baseline
-        | Scenario::Connect
-        | Scenario::Idle
-        | Scenario::Signin
-        | Scenario::Notify
-        | Scenario::Command => {}
-        other => {
-            return Err(Failure::Usage(format!(
-                "scenario {} is not available yet",
-                other.name()
-            )))
-        }
-    }
     if cli.shards == 0 {
         return Err(Failure::Usage("--shards must be at least 1".into()));
     }
@@ -303,16 +328,30 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         loadavg_start: procfs::loadavg(),
         busy_steal_start: procfs::machine_busy_and_steal_ticks(),
     };
+    // Worker processes of --procs report to their parent only.
+    match cli.scenario {
+        Scenario::Idle if cli.worker.is_some() => return spread::idle_worker(cli, &ctx),
+        Scenario::Connect if cli.worker.is_some() => return spread::connect_worker(cli, &ctx),
+        _ => {}
+    }
+    let spread = cli.procs.unwrap_or(1) > 1;
     let mut report = match cli.scenario {
         Scenario::Baseline => baseline_scenario(cli, &ctx)?,
+        Scenario::Connect if spread => spread::connect_scenario(cli, &ctx)?,
         Scenario::Connect => connect_scenario(cli, &ctx)?,
         Scenario::Signin => signin_scenario(cli, &ctx, open_files)?,
         Scenario::Notify => notify::scenario(cli, &ctx, open_files)?,
         Scenario::Command => command::scenario(cli, &ctx, open_files)?,
-        _ => idle_scenario(cli, &ctx, open_files)?,
+        Scenario::Storm => storm::scenario(cli, &ctx, open_files)?,
+        Scenario::Raw => raw::scenario(cli, &ctx, open_files)?,
+        Scenario::Idle if spread => spread::idle_scenario(cli, &ctx)?,
+        Scenario::Idle => idle_scenario(cli, &ctx, open_files)?,
     };
     if ctx.interrupted.load(Ordering::Relaxed) {
-        eprintln!("interrupted: the figures cover only part of the run");
+        eprintln!(
+            "interrupted: the {} figures cover only part of the run",
+            cli.scenario.name()
+        );
     }
     let obj = report.as_object_mut().expect("reports are objects");
     let m = machine(&ctx);
