@@ -32,6 +32,9 @@ mod fleet;
 mod gateway;
 mod http;
 mod idle;
+mod inmem;
+mod inmem_device;
+mod inmem_shard;
 mod jwt;
 mod live;
 mod load;
@@ -162,6 +165,17 @@ struct Cli {
     /// executable).
     #[arg(long)]
     gateway_bin: Option<PathBuf>,
+    /// idle: `socket` (a gateway process, real TCP connections) or
+    /// `memory` (the gateway's sessions in this process, one thread per
+    /// --shards, no sockets; --duration is virtual idle time, default 60s).
+    #[arg(long, value_enum, default_value_t = Transport::Socket)]
+    transport: Transport,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Transport {
+    Socket,
+    Memory,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -287,7 +301,13 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         loadavg_start: procfs::loadavg(),
         busy_steal_start: procfs::machine_busy_and_steal_ticks(),
     };
+    if cli.transport == Transport::Memory && cli.scenario != Scenario::Idle {
+        return Err(Failure::Usage(
+            "--transport memory is a mode of the idle scenario".into(),
+        ));
+    }
     let mut report = match cli.scenario {
+        Scenario::Idle if cli.transport == Transport::Memory => inmem::scenario(cli, &ctx)?,
         Scenario::Baseline => baseline_scenario(cli, &ctx)?,
         Scenario::Connect => connect_scenario(cli, &ctx)?,
         Scenario::Signin => signin_scenario(cli, &ctx, open_files)?,
