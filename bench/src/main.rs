@@ -9,7 +9,8 @@
 //!   bare `jsonwebtoken` in the same run; `--handshake-only` measures the
 //!   handshake (until the gateway's CSM) against bare rustls, as before.
 //! - `idle`: N authenticated devices held open; the gateway's resident
-//!   memory per device.
+//!   memory per device. `--transport memory`: the gateway's sessions in
+//!   this process without sockets, up to 1,000,000 devices (`inmem.rs`).
 //! - `signin`: repeated OCF sign-ins over N established connections, per
 //!   gateway CPU-second, against a bare `jsonwebtoken` ES256 verify loop
 //!   (and the gateway's own validator) in the same run.
