@@ -64,9 +64,11 @@ fn two_hundred_devices_sign_in_in_memory_and_answer_every_keepalive() {
     assert_eq!(r["idle"]["devices"], 200, "all still open: {ctx}");
     assert_eq!(r["closed_by_gateway"], 0, "{ctx}");
     // spec §2.4: a Ping after 10 s of silence with the default 20 s
-    // timeout: at 10, 20 and 30 s of the 35 s (the set-up's own Pings,
-    // if any, are not in the idle count).
-    assert_eq!(r["idle"]["pings_answered"], 600, "{ctx}");
+    // timeout, so 3 in 35 s of virtual idle time, or 4 for a device whose
+    // last activity was more than 5 s before the idle phase began (a slow
+    // set-up in a debug build).
+    let pings = r["idle"]["pings_answered"].as_u64().unwrap_or(0);
+    assert!((600..=800).contains(&pings), "{pings} Pings: {ctx}");
     assert_eq!(f(&r["idle"]["virtual_s"]), 35.0, "{ctx}");
 
     // Sane figures: the set-up did cost the gateway CPU, a device's
