@@ -9,7 +9,8 @@
 //!   bare `jsonwebtoken` in the same run; `--handshake-only` measures the
 //!   handshake (until the gateway's CSM) against bare rustls, as before.
 //! - `idle`: N authenticated devices held open; the gateway's resident
-//!   memory per device.
+//!   memory per device. `--transport memory`: the gateway's sessions in
+//!   this process without sockets, up to 1,000,000 devices (`inmem.rs`).
 //! - `signin`: repeated OCF sign-ins over N established connections, per
 //!   gateway CPU-second, against a bare `jsonwebtoken` ES256 verify loop
 //!   (and the gateway's own validator) in the same run.
@@ -41,6 +42,9 @@ mod fleet;
 mod gateway;
 mod http;
 mod idle;
+mod inmem;
+mod inmem_device;
+mod inmem_shard;
 mod jwt;
 mod live;
 mod load;
@@ -48,8 +52,8 @@ mod notify;
 mod ocf;
 mod procfs;
 mod progress;
-mod report;
 mod raw;
+mod report;
 mod seq;
 mod signin;
 mod spread;
@@ -214,6 +218,17 @@ struct Cli {
     /// executable).
     #[arg(long)]
     gateway_bin: Option<PathBuf>,
+    /// idle: `socket` (a gateway process, real TCP connections) or
+    /// `memory` (the gateway's sessions in this process, one thread per
+    /// --shards, no sockets; --duration is virtual idle time, default 60s).
+    #[arg(long, value_enum, default_value_t = Transport::Socket)]
+    transport: Transport,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Transport {
+    Socket,
+    Memory,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -328,6 +343,11 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         loadavg_start: procfs::loadavg(),
         busy_steal_start: procfs::machine_busy_and_steal_ticks(),
     };
+    if cli.transport == Transport::Memory && cli.scenario != Scenario::Idle {
+        return Err(Failure::Usage(
+            "--transport memory is a mode of the idle scenario".into(),
+        ));
+    }
     // Worker processes of --procs report to their parent only.
     match cli.scenario {
         Scenario::Idle if cli.worker.is_some() => return spread::idle_worker(cli, &ctx),
@@ -336,6 +356,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
     }
     let spread = cli.procs.unwrap_or(1) > 1;
     let mut report = match cli.scenario {
+        Scenario::Idle if cli.transport == Transport::Memory => inmem::scenario(cli, &ctx)?,
         Scenario::Baseline => baseline_scenario(cli, &ctx)?,
         Scenario::Connect if spread => spread::connect_scenario(cli, &ctx)?,
         Scenario::Connect => connect_scenario(cli, &ctx)?,
