@@ -262,7 +262,7 @@ pub fn validation_settings(config: &Config) -> ValidationSettings {
 /// in-memory transport, which drives the same sessions without sockets).
 pub fn session_config(
     config: &Config,
-    hub: Arc<MemoryHub>,
+    hub: Arc<dyn Hub>,
     validator: Arc<SharedValidator>,
     providers: Vec<Arc<dyn TokenProvider>>,
     service_id: &str,
