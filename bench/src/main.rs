@@ -36,6 +36,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod baseline;
+mod certcache;
 mod command;
 mod device;
 mod fleet;

@@ -591,10 +591,12 @@ fn open_gateway_sessions(
     let mut opened = 0;
     let mut errors = Errors::default();
     let mut left = n as usize;
+    let mut taken = 0;
     while left > 0 && Instant::now() < deadline && !ctx.interrupted.load(Ordering::Relaxed) {
         let batch = left.min(ENROLL_BATCH);
         left -= batch;
-        let identities = ocf::identities(ca_dir, batch, ctx.threads)?;
+        let identities = ocf::identities_from(ca_dir, taken, batch, ctx.threads)?;
+        taken += batch;
         let enrolled = fleet::enroll(
             addr,
             identities,
