@@ -242,7 +242,7 @@ pub fn load_authority(config: &Config) -> Result<Authority, String> {
 
 /// `[authorization]` as validation settings; `iss` defaults to the embedded
 /// authority's when tokens are checked against its keys.
-fn validation_settings(config: &Config) -> ValidationSettings {
+pub fn validation_settings(config: &Config) -> ValidationSettings {
     let auth = &config.authorization;
     let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
     let issuer = non_empty(&auth.issuer).or_else(|| {
@@ -254,6 +254,37 @@ fn validation_settings(config: &Config) -> ValidationSettings {
         owner_claim: auth.owner_claim.clone(),
         device_id_claim: non_empty(&auth.device_id_claim),
         mode: auth.mode,
+    }
+}
+
+/// What every shard's sessions share, from `[coap]` and `[authorization]`
+/// and the services the caller built (also used by the benchmark's
+/// in-memory transport, which drives the same sessions without sockets).
+pub fn session_config(
+    config: &Config,
+    hub: Arc<dyn Hub>,
+    validator: Arc<SharedValidator>,
+    providers: Vec<Arc<dyn TokenProvider>>,
+    service_id: &str,
+    discovery_endpoint: Arc<OnceLock<String>>,
+) -> SessionConfig {
+    let tls_on = config.coap.tls.enabled;
+    SessionConfig {
+        max_message_size: config.coap.max_message_size,
+        keepalive_timeout: config.coap.keepalive_timeout,
+        owner_cache_expiration: config.authorization.owner_cache_expiration,
+        certificate_device_id: tls_on && config.coap.tls.client_auth == ClientAuth::Identity,
+        protocol: if tls_on {
+            Protocol::CoapsTcp
+        } else {
+            Protocol::CoapTcp
+        },
+        service_id: Arc::from(service_id),
+        discovery_endpoint,
+        hub,
+        validator,
+        providers,
+        require_batch_observe: config.coap.require_batch_observe,
     }
 }
 
@@ -381,23 +412,14 @@ pub fn start_with_options(
     runtime.handshake_timeout = config.coap.handshake_timeout;
     runtime.shutdown = shutdown;
     let tls_on = config.coap.tls.enabled;
-    let session = SessionConfig {
-        max_message_size: config.coap.max_message_size,
-        keepalive_timeout: config.coap.keepalive_timeout,
-        owner_cache_expiration: config.authorization.owner_cache_expiration,
-        certificate_device_id: tls_on && config.coap.tls.client_auth == ClientAuth::Identity,
-        protocol: if tls_on {
-            Protocol::CoapsTcp
-        } else {
-            Protocol::CoapTcp
-        },
-        service_id: Arc::from(service_id.as_str()),
-        discovery_endpoint: discovery_endpoint.clone(),
-        hub: hub.clone(),
-        validator: validator.clone(),
+    let session = session_config(
+        config,
+        hub.clone(),
+        validator.clone(),
         providers,
-        require_batch_observe: config.coap.require_batch_observe,
-    };
+        &service_id,
+        discovery_endpoint.clone(),
+    );
     let slot = sender.clone();
     let rt = Runtime::start(runtime, move |_shard| {
         GatewayService::new(session.clone(), slot.clone())

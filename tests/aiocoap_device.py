@@ -94,6 +94,17 @@ class OicRes(aiocoap.resource.Resource):
         )
         self.served.set()
         links = [
+            # A discoverable but not observable /oic/res (p.bm without
+            # 0x02): the gateway keeps the twin per resource (spec §6.3)
+            # rather than observing this resource in batch, which this
+            # device does not implement (spec §6.5 step 3 would close it).
+            {
+                "href": "/oic/res",
+                "rt": ["oic.wk.res"],
+                "if": ["oic.if.ll", "oic.if.baseline"],
+                "p": {"bm": 1},
+                "di": self.device_id,
+            },
             {
                 "href": "/oic/d",
                 "rt": ["oic.wk.d"],

@@ -400,6 +400,8 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
         "latency_what": "HTTP PUT sent to its 200 read (API → hub → gateway → device 2.04 → API), client side",
         "outcomes": out,
         "exactly_once": once,
+        "lost": once.never_reached_device,
+        "duplicated": once.device_duplicates,
         "hub": {
             "commands_submitted": d.commands_submitted,
             "commands_answered": d.commands_answered,

@@ -167,8 +167,12 @@ impl Device {
         timeout: Duration,
     ) -> Result<(Device, Timings), DeviceError> {
         let started = Instant::now();
-        let sock = TcpStream::connect_timeout(&addr, timeout)
-            .map_err(|e| DeviceError::new(Stage::Connect, e))?;
+        // A worker of `--procs` connects from its own source address.
+        let sock = match crate::spread::source_ip() {
+            Some(ip) => crate::spread::connect_from(ip, addr, timeout),
+            None => TcpStream::connect_timeout(&addr, timeout),
+        }
+        .map_err(|e| DeviceError::new(Stage::Connect, e))?;
         let connected = Instant::now();
         let setup = |s: &TcpStream| -> io::Result<()> {
             s.set_nodelay(true)?;
@@ -289,7 +293,8 @@ impl Device {
         self.flush()
     }
 
-    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+    /// Writes `bytes` (whole CoAP messages) and flushes. Blocking.
+    pub fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.tls.writer().write_all(bytes)?;
         self.flush()
     }

@@ -100,11 +100,16 @@ pub fn enroll(
     let max_failures = (total / 10).max(50);
     let failed = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
+    let bar = crate::progress::counter("signing up", total);
     let handles: Vec<_> = shares
         .into_iter()
         .map(|share| {
-            let (authority, failed, interrupted) =
-                (authority.clone(), failed.clone(), interrupted.clone());
+            let (authority, failed, interrupted, bar) = (
+                authority.clone(),
+                failed.clone(),
+                interrupted.clone(),
+                bar.clone(),
+            );
             std::thread::spawn(move || {
                 let mut latency = StageHistograms::new();
                 let mut errors = Errors::default();
@@ -116,6 +121,7 @@ pub fn enroll(
                     {
                         break;
                     }
+                    bar.inc(1);
                     match enroll_one(addr, identity, &authority, keep) {
                         Ok((registered, device, timings)) => {
                             latency.record(&timings);
@@ -144,6 +150,7 @@ pub fn enroll(
             Err(_) => load.cut_short = Some("a client thread panicked".into()),
         }
     }
+    bar.finish_and_clear();
     load.wall = started.elapsed();
     if load.ok + load.errors.total < total && load.cut_short.is_none() {
         load.cut_short = Some(if interrupted.load(Ordering::Relaxed) {

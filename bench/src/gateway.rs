@@ -32,8 +32,9 @@ impl Pki {
             .prefix("coap-gateway-bench-")
             .tempdir()
             .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
-        pki::init(&dir.path().join("pki"), uuid::Uuid::new_v4(), false)
-            .map_err(|e| format!("cannot create the development PKI: {e}"))?;
+        // The CA and gateway certificate are made once and cached, so the
+        // device certificates issued by that CA are cached with them.
+        crate::certcache::dev_pki_into(&dir.path().join("pki"))?;
         let pki = Pki { dir };
         pki::device(
             &pki.pki_dir(),

@@ -95,6 +95,8 @@ pub struct Percentiles {
     pub p999: u64,
     pub max: u64,
     pub mean: f64,
+    /// `[percentile, µs]` points for the plot (`report::curve`).
+    pub curve: Vec<[f64; 2]>,
 }
 
 impl Percentiles {
@@ -107,6 +109,7 @@ impl Percentiles {
             p999: h.value_at_quantile(0.999),
             max: h.max(),
             mean: (h.mean() * 10.0).round() / 10.0,
+            curve: crate::report::curve(h),
         }
     }
 }

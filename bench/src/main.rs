@@ -9,7 +9,8 @@
 //!   bare `jsonwebtoken` in the same run; `--handshake-only` measures the
 //!   handshake (until the gateway's CSM) against bare rustls, as before.
 //! - `idle`: N authenticated devices held open; the gateway's resident
-//!   memory per device.
+//!   memory per device. `--transport memory`: the gateway's sessions in
+//!   this process without sockets, up to 1,000,000 devices (`inmem.rs`).
 //! - `signin`: repeated OCF sign-ins over N established connections, per
 //!   gateway CPU-second, against a bare `jsonwebtoken` ES256 verify loop
 //!   (and the gateway's own validator) in the same run.
@@ -18,6 +19,15 @@
 //!   sequence number on sampled devices.
 //! - `command`: HTTP PUTs through the hub's API to N connected devices;
 //!   the round trip's latency and exactly-once delivery.
+//! - `storm`: N twin devices disconnect at once and reconnect at once;
+//!   time until the hub shows all back IN_SYNC (`storm.rs`).
+//! - `raw`: pipelined CoAP GETs over coaps+tcp, no OCF, against the
+//!   gateway and libcoap's `coap-server-openssl` side by side, then again
+//!   with idle sessions held open on each (`raw.rs`).
+//!
+//! `idle --procs P` and `connect --handshake-only --procs P` spread the
+//! devices over P child processes of this binary, each with its own
+//! source address (`spread.rs`).
 //!
 //! Exit codes: 0 measured (goals met or not), 1 runtime failure, 2 usage.
 #![forbid(unsafe_code)]
@@ -26,20 +36,29 @@
 #![allow(clippy::disallowed_methods)]
 
 mod baseline;
+mod certcache;
 mod command;
 mod device;
 mod fleet;
 mod gateway;
 mod http;
 mod idle;
+mod inmem;
+mod inmem_device;
+mod inmem_shard;
 mod jwt;
 mod live;
 mod load;
 mod notify;
 mod ocf;
 mod procfs;
+mod progress;
+mod raw;
+mod report;
 mod seq;
 mod signin;
+mod spread;
+mod storm;
 mod twin;
 
 use std::net::SocketAddr;
@@ -98,9 +117,20 @@ struct Cli {
     /// Shards of the spawned gateway.
     #[arg(long, default_value_t = 1)]
     shards: usize,
-    /// Write the JSON report here.
+    /// Write the JSON report here, and its latency-percentile plot next to
+    /// it (same name, `.png`).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// No progress bars (they show only on a terminal anyway).
+    #[arg(long)]
+    no_progress: bool,
+    /// Do not draw the plot next to the --out report.
+    #[arg(long)]
+    no_plot: bool,
+    /// Append the run's key figures as a Markdown table row to this file
+    /// (e.g. perf/RESULTS.md), under its "Run log" heading.
+    #[arg(long)]
+    results_md: Option<PathBuf>,
     /// connect, signin: alternate gateway and yardstick this many times,
     /// each round with 1/rounds of the work (connect default 1 = gateway,
     /// then baseline; signin default 6).
@@ -132,9 +162,36 @@ struct Cli {
     #[arg(long)]
     per_write: Option<usize>,
     /// notify: at most this many notifications sent and not yet counted by
-    /// the hub (default 50000).
+    /// the hub (default 50000); raw: requests outstanding per connection
+    /// (default 16).
     #[arg(long)]
     window: Option<u64>,
+    /// raw: load connections per server, one client thread each (default
+    /// 4).
+    #[arg(long)]
+    connections: Option<usize>,
+    /// raw: mutual-TLS handshakes measured per server (default 2000).
+    #[arg(long)]
+    handshakes: Option<u64>,
+    /// raw: idle authenticated sessions held open on each server during
+    /// the second request pass (default 1000; 0 skips that pass).
+    #[arg(long)]
+    idle: Option<u64>,
+    /// raw: the servers, comma separated: gateway, libcoap (default both).
+    #[arg(long, value_delimiter = ',')]
+    targets: Option<Vec<raw::RawTarget>>,
+    /// raw: libcoap's server binary (default coap-server-openssl on PATH,
+    /// Debian package libcoap3-bin).
+    #[arg(long)]
+    libcoap_bin: Option<PathBuf>,
+    /// idle, connect --handshake-only: spread the devices over this many
+    /// load-generator processes, worker i connecting from 127.0.0.(1+i)
+    /// (default 1: this process).
+    #[arg(long)]
+    procs: Option<usize>,
+    /// Internal: run as worker I of `--procs` (spread.rs).
+    #[arg(long, hide = true)]
+    worker: Option<usize>,
     /// notify: devices followed on the hub's event stream for latency and
     /// loss (default 20).
     #[arg(long)]
@@ -162,6 +219,17 @@ struct Cli {
     /// executable).
     #[arg(long)]
     gateway_bin: Option<PathBuf>,
+    /// idle: `socket` (a gateway process, real TCP connections) or
+    /// `memory` (the gateway's sessions in this process, one thread per
+    /// --shards, no sockets; --duration is virtual idle time, default 60s).
+    #[arg(long, value_enum, default_value_t = Transport::Socket)]
+    transport: Transport,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Transport {
+    Socket,
+    Memory,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -245,20 +313,6 @@ impl Context {
 }
 
 fn run(cli: &Cli) -> Result<(), Failure> {
-    match cli.scenario {
-        Scenario::Baseline
-        | Scenario::Connect
-        | Scenario::Idle
-        | Scenario::Signin
-        | Scenario::Notify
-        | Scenario::Command => {}
-        other => {
-            return Err(Failure::Usage(format!(
-                "scenario {} is not available yet",
-                other.name()
-            )))
-        }
-    }
     if cli.shards == 0 {
         return Err(Failure::Usage("--shards must be at least 1".into()));
     }
@@ -278,6 +332,9 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         signal_hook::flag::register(signal, interrupted.clone())
             .map_err(|e| format!("cannot install the handler for signal {signal}: {e}"))?;
     }
+    if cli.no_progress {
+        progress::disable();
+    }
     let open_files = shards::system::raise_nofile_limit();
     let ctx = Context {
         interrupted,
@@ -287,16 +344,36 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         loadavg_start: procfs::loadavg(),
         busy_steal_start: procfs::machine_busy_and_steal_ticks(),
     };
+    if cli.transport == Transport::Memory && cli.scenario != Scenario::Idle {
+        return Err(Failure::Usage(
+            "--transport memory is a mode of the idle scenario".into(),
+        ));
+    }
+    // Worker processes of --procs report to their parent only.
+    match cli.scenario {
+        Scenario::Idle if cli.worker.is_some() => return spread::idle_worker(cli, &ctx),
+        Scenario::Connect if cli.worker.is_some() => return spread::connect_worker(cli, &ctx),
+        _ => {}
+    }
+    let spread = cli.procs.unwrap_or(1) > 1;
     let mut report = match cli.scenario {
+        Scenario::Idle if cli.transport == Transport::Memory => inmem::scenario(cli, &ctx)?,
         Scenario::Baseline => baseline_scenario(cli, &ctx)?,
+        Scenario::Connect if spread => spread::connect_scenario(cli, &ctx)?,
         Scenario::Connect => connect_scenario(cli, &ctx)?,
         Scenario::Signin => signin_scenario(cli, &ctx, open_files)?,
         Scenario::Notify => notify::scenario(cli, &ctx, open_files)?,
         Scenario::Command => command::scenario(cli, &ctx, open_files)?,
-        _ => idle_scenario(cli, &ctx, open_files)?,
+        Scenario::Storm => storm::scenario(cli, &ctx, open_files)?,
+        Scenario::Raw => raw::scenario(cli, &ctx, open_files)?,
+        Scenario::Idle if spread => spread::idle_scenario(cli, &ctx)?,
+        Scenario::Idle => idle_scenario(cli, &ctx, open_files)?,
     };
     if ctx.interrupted.load(Ordering::Relaxed) {
-        eprintln!("interrupted: the figures cover only part of the run");
+        eprintln!(
+            "interrupted: the {} figures cover only part of the run",
+            cli.scenario.name()
+        );
     }
     let obj = report.as_object_mut().expect("reports are objects");
     let m = machine(&ctx);
@@ -320,6 +397,22 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         std::fs::write(path, text + "\n")
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         println!("report written to {}", path.display());
+        if !cli.no_plot {
+            let png = report::plot_path(path);
+            match report::write_plot(&report, &png) {
+                Ok(true) => println!("latency plot written to {}", png.display()),
+                Ok(false) => {}
+                // The figures are in the JSON already: a missing font
+                // costs the picture, not the run.
+                Err(e) => eprintln!("warning: no plot: {e}"),
+            }
+        }
+    }
+    if let Some(md) = &cli.results_md {
+        let date = humantime::format_rfc3339_seconds(ctx.started).to_string();
+        let row = report::markdown_row(&report, &date[..10], cli.out.as_deref());
+        report::append_row(md, &row)?;
+        println!("row appended to {}", md.display());
     }
     Ok(())
 }
@@ -1241,9 +1334,11 @@ fn idle_scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fai
         &ctx.interrupted,
     );
     let mut last_print = Instant::now();
+    let bar = progress::counter("connecting", devices);
     while !clients.all_connected() && !ctx.interrupted.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(20));
-        if last_print.elapsed() >= Duration::from_secs(5) {
+        bar.set_position(clients.shared.connected.load(Ordering::Relaxed));
+        if bar.is_hidden() && last_print.elapsed() >= Duration::from_secs(5) {
             println!(
                 "  {} devices connected",
                 clients.shared.connected.load(Ordering::Relaxed)
@@ -1251,9 +1346,19 @@ fn idle_scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fai
             last_print = Instant::now();
         }
     }
+    bar.finish_and_clear();
     let connect_phase = started.elapsed();
     let connected = clients.shared.connected.load(Ordering::Relaxed);
-    sleep_unless(hold, &ctx.interrupted);
+    let bar = progress::timed("idle", hold);
+    let hold_started = Instant::now();
+    while hold_started.elapsed() < hold && !ctx.interrupted.load(Ordering::Relaxed) {
+        sleep_unless(
+            (hold - hold_started.elapsed()).min(Duration::from_millis(250)),
+            &ctx.interrupted,
+        );
+        bar.set_position(hold_started.elapsed().as_millis() as u64);
+    }
+    bar.finish_and_clear();
     let rss_after = rss(procfs::vm_rss_bytes);
     let anon_after = rss(procfs::rss_anon_bytes);
     let cpu_after = pid.and_then(|p| procfs::process_cpu_ticks(p).ok());

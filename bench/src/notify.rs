@@ -531,6 +531,14 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
             "warm_up_sent": warm_sent,
         },
         "sent": sent,
+        // Over all devices by count (the hub's counter against what was
+        // sent), and over the sampled devices by sequence number while
+        // their event stream lasted: a stream the hub ended (a subscriber
+        // that fell behind is dropped) stops the sequence check, it is not
+        // a loss by the hub (`sampled.stream_ended` says so).
+        "lost": sent.saturating_sub(d.notifications).max(
+            if sampled.ended.is_none() { seq_total.lost } else { 0 }),
+        "duplicated": d.notifications.saturating_sub(sent).max(seq_total.duplicated),
         "hub": {
             "notifications": d.notifications,
             "twin_updates": d.twin_updates,

@@ -7,7 +7,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use coap_gateway::auth::authority::Authority;
-use coap_gateway::auth::pki::{Ca, LeafSpec};
 use coap_gateway::auth::tls;
 use coap_gateway::coap::{option, Code, MessageWriter};
 use coap_gateway::config::Config;
@@ -195,62 +194,48 @@ pub struct Identity {
 }
 
 /// `n` device identities issued by the CA in `pki_dir` (`ca.pem`,
-/// `ca-key.pem`), spread over `threads` threads (P-256 key generation and
-/// signing, ~0.3 ms each here).
+/// `ca-key.pem`): cached on disk by [`crate::certcache`], the missing ones
+/// issued over `threads` threads (P-256 key generation and signing, ~0.3
+/// ms each here).
 pub fn identities(pki_dir: &Path, n: usize, threads: usize) -> Result<Vec<Identity>, String> {
-    let ca = Ca::load(pki_dir).map_err(|e| format!("cannot load the CA: {e}"))?;
+    identities_from(pki_dir, 0, n, threads)
+}
+
+/// Identities `skip..skip + n` of the cached list: a caller that enrolls
+/// in batches takes distinct devices for each batch (the same device ID
+/// twice would make its second sign-in close the first, spec §14 item 13).
+pub fn identities_from(
+    pki_dir: &Path,
+    skip: usize,
+    n: usize,
+    threads: usize,
+) -> Result<Vec<Identity>, String> {
     let roots = Arc::new(
         tls::load_roots(&pki_dir.join("ca.pem"))
             .map_err(|e| format!("cannot load the CA certificate: {e}"))?,
     );
     let provider = Arc::new(tls::provider());
-    let threads = threads.clamp(1, n.max(1));
-    let per_thread = n.div_ceil(threads);
-    let results: Vec<Result<Vec<Identity>, String>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let (ca, roots, provider) = (&ca, &roots, &provider);
-                s.spawn(move || {
-                    let count = per_thread.min(n.saturating_sub(t * per_thread));
-                    (0..count)
-                        .map(|_| identity(ca, roots, provider))
-                        .collect::<Result<Vec<_>, String>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err("identity thread panicked".into()))
-            })
-            .collect()
-    });
-    let mut all = Vec::with_capacity(n);
-    for r in results {
-        all.extend(r?);
-    }
-    Ok(all)
+    crate::certcache::device_certs(pki_dir, skip + n, threads)?
+        .into_iter()
+        .skip(skip)
+        .map(|c| identity(c, &roots, &provider))
+        .collect()
 }
 
 fn identity(
-    ca: &Ca,
+    cert: crate::certcache::DeviceCert,
     roots: &Arc<rustls::RootCertStore>,
     provider: &Arc<rustls::crypto::CryptoProvider>,
 ) -> Result<Identity, String> {
-    let id = uuid::Uuid::new_v4();
-    let leaf = ca
-        .issue(&LeafSpec::device(id))
-        .map_err(|e| format!("cannot issue a device certificate: {e}"))?;
     let mut config = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(rustls::ALL_VERSIONS)
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots.clone())
-        .with_client_auth_cert(vec![leaf.cert_der.clone()], leaf.private_key())
+        .with_client_auth_cert(vec![cert.cert], cert.key.into())
         .map_err(|e| format!("device certificate: {e}"))?;
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Identity {
-        id: id.to_string(),
+        id: cert.id.to_string(),
         config: Arc::new(config),
         owner: OWNER,
     })

@@ -456,9 +456,9 @@ pub(super) async fn pending(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Failure> {
     let id = device_id(path)?;
-    let commands = hub(&state)?
-        .pending_commands(caller.owner(), &id)
-        .map_err(hub_error)?;
+    let hub = hub(&state)?.clone();
+    let owner = caller.owner().to_owned();
+    let commands = blocking(move || hub.pending_commands(&owner, &id)).await?;
     let list: Vec<Value> = commands.iter().map(pending_json).collect();
     Ok(Json(list).into_response())
 }

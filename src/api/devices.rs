@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::bearer::Caller;
 use super::{now_unix, ApiState, Failure};
+use crate::api::commands::blocking;
 use crate::auth::provider::TokenProvider;
 use crate::hub::{DeviceRecord, Hub, HubError};
 use crate::ocf::rd::Link;
@@ -168,7 +169,11 @@ pub(super) async fn list(
     State(state): State<ApiState>,
     caller: Caller,
 ) -> Result<Response, Failure> {
-    let records = hub(&state)?.devices(caller.owner());
+    // Hub calls run on the blocking pool: a hub may wait for its store
+    // or its broker (the NATS hub reads its buckets).
+    let hub = hub(&state)?.clone();
+    let owner = caller.owner().to_owned();
+    let records = blocking(move || Ok(hub.devices(&owner))).await?;
     let devices: Vec<DeviceJson<'_>> = records.iter().map(DeviceJson::new).collect();
     Ok(Json(devices).into_response())
 }
@@ -180,8 +185,10 @@ pub(super) async fn get(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Failure> {
     let id = device_id(path)?;
-    let record = hub(&state)?
-        .device(caller.owner(), &id)
+    let hub = hub(&state)?.clone();
+    let (owner, key) = (caller.owner().to_owned(), id.clone());
+    let record = blocking(move || Ok(hub.device(&owner, &key)))
+        .await?
         .ok_or_else(|| not_found(&id))?;
     Ok(Json(DeviceJson::new(&record)).into_response())
 }
@@ -196,9 +203,9 @@ pub(super) async fn delete(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Failure> {
     let id = device_id(path)?;
-    hub(&state)?
-        .delete_device(caller.owner(), &id)
-        .map_err(hub_error)?;
+    let hub = hub(&state)?.clone();
+    let (owner, key) = (caller.owner().to_owned(), id.clone());
+    blocking(move || hub.delete_device(&owner, &key)).await?;
     if let Some(provider) = &state.provider {
         provider.revoke_device(&id);
     }
@@ -217,11 +224,15 @@ pub(super) async fn resource_links(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Failure> {
     let id = device_id(path)?;
-    let hub = hub(&state)?;
-    if hub.device(caller.owner(), &id).is_none() {
-        return Err(not_found(&id));
-    }
-    let published = hub.links(caller.owner(), &[&id], &[], now_unix());
+    let hub = hub(&state)?.clone();
+    let (owner, key) = (caller.owner().to_owned(), id.clone());
+    let published = blocking(move || {
+        Ok(hub
+            .device(&owner, &key)
+            .map(|_| hub.links(&owner, &[&key], &[], now_unix())))
+    })
+    .await?
+    .ok_or_else(|| not_found(&id))?;
     let links: Vec<Link<'_>> = published
         .iter()
         .flat_map(|(_, links)| links.iter().map(|l| l.as_link()))

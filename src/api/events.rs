@@ -193,7 +193,10 @@ pub(super) async fn stream(
     };
     let hub = hub(&state)?.clone();
     // Subscribed before the log is read: nothing falls between the two.
-    let receiver = hub.subscribe(caller.owner());
+    let receiver = {
+        let (hub, owner) = (hub.clone(), caller.owner().to_owned());
+        blocking(move || Ok(hub.subscribe(&owner))).await?
+    };
     let replay = match last_seen {
         Some(after) => {
             let owner = caller.owner().to_owned();

@@ -49,8 +49,9 @@ use serde_json::{Map, Value};
 use super::bearer::Caller;
 use super::commands::{self, target, CommandQuery, TargetPath};
 use super::content;
-use super::devices::{device_id, hub, hub_error};
+use super::devices::{device_id, hub};
 use super::{ApiState, Failure};
+use crate::api::commands::blocking;
 use crate::hub::{CommandKind, ResourceState};
 
 /// One resource of the twin as JSON (shape in the module doc).
@@ -87,11 +88,13 @@ pub(super) async fn get(
         let kind = CommandKind::Retrieve { etags: Vec::new() };
         return commands::run(&state, &caller, id, href, kind, query).await;
     }
-    let hub = hub(&state)?;
-    let resource = hub
-        .resource(caller.owner(), &id, &href)
-        .map_err(hub_error)?;
-    let device = hub.device(caller.owner(), &id);
+    let hub = hub(&state)?.clone();
+    let (owner, key) = (caller.owner().to_owned(), id.clone());
+    let (resource, device) = blocking(move || {
+        let resource = hub.resource(&owner, &key, &href)?;
+        Ok((resource, hub.device(&owner, &key)))
+    })
+    .await?;
     let shown_id = device
         .as_ref()
         .map_or(id.as_str(), |d| d.device_id.as_str());
@@ -105,9 +108,13 @@ pub(super) async fn list(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Failure> {
     let id = device_id(path)?;
-    let hub = hub(&state)?;
-    let resources = hub.resources(caller.owner(), &id).map_err(hub_error)?;
-    let device = hub.device(caller.owner(), &id);
+    let hub = hub(&state)?.clone();
+    let (owner, key) = (caller.owner().to_owned(), id.clone());
+    let (resources, device) = blocking(move || {
+        let resources = hub.resources(&owner, &key)?;
+        Ok((resources, hub.device(&owner, &key)))
+    })
+    .await?;
     let shown_id = device
         .as_ref()
         .map_or(id.as_str(), |d| d.device_id.as_str());
