@@ -1769,9 +1769,15 @@ impl Hub for NatsHub {
         let status = &removed.record.status;
         if status.online {
             if status.service_id == self.inner.node() {
-                self.inner.local().remove(&key);
-                self.inner
-                    .close_connection(removed.connection, "device deleted");
+                // The connection this node holds, if any: a session that
+                // signs off marks itself offline first (spec §5.3) and its
+                // OFFLINE may still be in the outbox, so the registry can
+                // say online for a connection that must stay open to get
+                // the sign-off's answer.
+                let held = self.inner.local().remove(&key);
+                if let Some(held) = held {
+                    self.inner.close_connection(held.connection, "device deleted");
+                }
             } else {
                 self.send_node(
                     &status.service_id,
