@@ -1776,7 +1776,8 @@ impl Hub for NatsHub {
                 // the sign-off's answer.
                 let held = self.inner.local().remove(&key);
                 if let Some(held) = held {
-                    self.inner.close_connection(held.connection, "device deleted");
+                    self.inner
+                        .close_connection(held.connection, "device deleted");
                 }
             } else {
                 self.send_node(
