@@ -17,6 +17,103 @@ use rustls::ClientConfig;
 
 use crate::device::{self, Device};
 
+/// The hub a spawned gateway runs with (`--hub`, `--memory`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HubChoice {
+    /// The embedded hub with its store (`<data_dir>/hub.redb`).
+    Embedded,
+    /// `serve --memory`: the embedded hub without its store.
+    Memory,
+    /// `[hub] kind = "nats"` against the broker at `url`.
+    Nats { url: String },
+}
+
+/// A `nats-server -js` the bench starts for `--hub nats` without
+/// `--nats-url`: loopback, a free port, its own store in a temporary
+/// directory; killed when dropped.
+pub struct NatsServer {
+    child: Child,
+    pub url: String,
+    _store: tempfile::TempDir,
+}
+
+impl NatsServer {
+    pub fn start() -> Result<NatsServer, String> {
+        let binary = [
+            "nats-server",
+            "/usr/sbin/nats-server",
+            "/usr/bin/nats-server",
+        ]
+        .into_iter()
+        .find(|b| {
+            Command::new(b)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .ok_or(
+            "--hub nats needs nats-server (Debian: apt-get install nats-server) or --nats-url",
+        )?;
+        let store = tempfile::Builder::new()
+            .prefix("coap-gateway-bench-nats-")
+            .tempdir()
+            .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+        let port = free_port()?;
+        let monitor = free_port()?;
+        let child = Command::new(binary)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-m", &monitor.to_string(), "-sd"])
+            .arg(store.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {binary}: {e}"))?;
+        let server = NatsServer {
+            child,
+            url: format!("nats://127.0.0.1:{port}"),
+            _store: store,
+        };
+        // Ready when its monitoring endpoint says JetStream is up.
+        let started = Instant::now();
+        loop {
+            let healthy = std::net::TcpStream::connect_timeout(
+                &SocketAddr::from(([127, 0, 0, 1], monitor)),
+                Duration::from_millis(200),
+            )
+            .ok()
+            .and_then(|mut s| {
+                use std::io::{Read, Write};
+                s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+                s.write_all(b"GET /healthz?js-enabled-only=true HTTP/1.0\r\n\r\n")
+                    .ok()?;
+                let mut answer = String::new();
+                s.read_to_string(&mut answer).ok()?;
+                Some(answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"))
+            })
+            .unwrap_or(false);
+            if healthy {
+                return Ok(server);
+            }
+            if started.elapsed() > START_TIMEOUT {
+                return Err(format!(
+                    "nats-server on port {port} is not ready after {START_TIMEOUT:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// How long the gateway has to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -112,13 +209,14 @@ pub struct SpawnedGateway {
 }
 
 impl SpawnedGateway {
-    /// Starts the binary on a free loopback port with `pki`'s data dir
-    /// (with `memory`, `serve --memory`: no hub store) and waits until a device can complete a handshake and get the CSM.
+    /// Starts the binary on a free loopback port with `pki`'s data dir and
+    /// the hub `hub` (embedded, `serve --memory`, or NATS JetStream) and
+    /// waits until a device can complete a handshake and get the CSM.
     pub fn start(
         binary: &Path,
         pki: &Pki,
         shards: usize,
-        memory: bool,
+        hub: &HubChoice,
         client: &Arc<ClientConfig>,
         interrupted: &Arc<AtomicBool>,
     ) -> Result<SpawnedGateway, String> {
@@ -133,7 +231,7 @@ impl SpawnedGateway {
         // The HTTP API too gets a free loopback port: its default
         // (127.0.0.1:8080) may be taken, and two runs must not collide.
         let api = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let env: Vec<(String, String)> = [
+        let mut env: Vec<(String, String)> = [
             (
                 "COAP_GATEWAY__HUB__DATA_DIR",
                 pki.data_dir().display().to_string(),
@@ -146,6 +244,17 @@ impl SpawnedGateway {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
+        if let HubChoice::Nats { url } = hub {
+            // A prefix of its own: runs sharing one broker see nothing of
+            // each other's streams and buckets.
+            let prefix = format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+            env.extend([
+                ("COAP_GATEWAY__HUB__KIND".to_owned(), "nats".to_owned()),
+                ("COAP_GATEWAY__HUB__NATS__URL".to_owned(), url.clone()),
+                ("COAP_GATEWAY__HUB__NATS__PREFIX".to_owned(), prefix),
+            ]);
+        }
+        let memory = matches!(hub, HubChoice::Memory);
         let stderr_path = pki.data_dir().join("gateway.stderr");
         let stderr = File::create(&stderr_path)
             .map_err(|e| format!("cannot create {}: {e}", stderr_path.display()))?;

@@ -114,6 +114,14 @@ struct Cli {
     /// keeps nothing on disk).
     #[arg(long, conflicts_with = "gateway")]
     memory: bool,
+    /// The spawned gateway's hub: `embedded` (default) or `nats` (NATS
+    /// JetStream: `[hub] kind = "nats"`, against --nats-url or a
+    /// nats-server the bench starts on loopback).
+    #[arg(long, value_enum, default_value_t = HubArg::Embedded, conflicts_with_all = ["gateway", "memory"])]
+    hub: HubArg,
+    /// With --hub nats: the broker (default: a nats-server of the bench's own).
+    #[arg(long, requires = "hub")]
+    nats_url: Option<String>,
     /// Shards of the spawned gateway.
     #[arg(long, default_value_t = 1)]
     shards: usize,
@@ -230,6 +238,12 @@ struct Cli {
 enum Transport {
     Socket,
     Memory,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum HubArg {
+    Embedded,
+    Nats,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -387,6 +401,14 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         m["loadavg_end"].as_str().unwrap_or("")
     );
     obj.insert("machine".into(), m);
+    // Which hub the spawned gateway ran with (null: --gateway, unknown).
+    let hub = match (cli.gateway.is_some(), cli.hub, cli.memory) {
+        (true, _, _) => Value::Null,
+        (false, HubArg::Nats, _) => json!("nats"),
+        (false, HubArg::Embedded, true) => json!("memory"),
+        (false, HubArg::Embedded, false) => json!("embedded"),
+    };
+    obj.insert("hub_backend".into(), hub);
     obj.insert("command".into(), Value::String(command_line()));
     if let Some(path) = &cli.out {
         let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
@@ -460,6 +482,9 @@ struct Target {
     addr: SocketAddr,
     pid: Option<u32>,
     spawned: Option<SpawnedGateway>,
+    /// The broker the bench started for `--hub nats`, kept until the end
+    /// (after `spawned`: the gateway is dropped first).
+    _nats: Option<gateway::NatsServer>,
     /// The gateway's configuration, when known (spawned, or
     /// --gateway-config).
     config: Option<Config>,
@@ -494,6 +519,7 @@ fn target(cli: &Cli, ctx: &Context, pki: &Pki) -> Result<(Target, Arc<ClientConf
                 addr,
                 pid: cli.gateway_pid,
                 spawned: None,
+                _nats: None,
                 config,
                 ca_dir: ca_dir.clone(),
             },
@@ -508,14 +534,24 @@ fn target(cli: &Cli, ctx: &Context, pki: &Pki) -> Result<(Target, Arc<ClientConf
         Some(b) => b.clone(),
         None => gateway::default_binary()?,
     };
-    let spawned = SpawnedGateway::start(
-        &binary,
-        pki,
-        cli.shards,
-        cli.memory,
-        &client,
-        &ctx.interrupted,
-    )?;
+    let (hub, nats) = match (cli.hub, cli.memory) {
+        (HubArg::Nats, _) => match &cli.nats_url {
+            Some(url) => (gateway::HubChoice::Nats { url: url.clone() }, None),
+            None => {
+                let server = gateway::NatsServer::start()?;
+                println!("nats-server on {} (--hub nats)", server.url);
+                (
+                    gateway::HubChoice::Nats {
+                        url: server.url.clone(),
+                    },
+                    Some(server),
+                )
+            }
+        },
+        (HubArg::Embedded, true) => (gateway::HubChoice::Memory, None),
+        (HubArg::Embedded, false) => (gateway::HubChoice::Embedded, None),
+    };
+    let spawned = SpawnedGateway::start(&binary, pki, cli.shards, &hub, &client, &ctx.interrupted)?;
     println!(
         "gateway pid {} on {} ({} shard{})",
         spawned.pid(),
@@ -530,6 +566,7 @@ fn target(cli: &Cli, ctx: &Context, pki: &Pki) -> Result<(Target, Arc<ClientConf
             addr: spawned.addr,
             pid: Some(spawned.pid()),
             spawned: Some(spawned),
+            _nats: nats,
             config: Some(config),
             ca_dir: pki.pki_dir(),
         },
