@@ -106,9 +106,15 @@ fn raw_drives_the_gateway_and_libcoap_with_the_same_client() {
         assert_eq!(u(&t["idle"]["closed_by_server"]), 0, "{t}");
     }
     let side = &r["side_by_side"];
-    for key in ["requests_per_cpu_s", "p99_us"] {
-        assert!(side[key]["gateway"].is_number(), "{key}: {r}");
-        assert!(side[key]["libcoap"].is_number(), "{key}: {r}");
+    for (i, name) in ["gateway", "libcoap"].into_iter().enumerate() {
+        assert!(side["p99_us"][name].is_number(), "p99_us: {r}");
+        // CPU time comes in 10 ms clock ticks: a pass this short can cost
+        // a server less than one tick, and then it has no per-CPU figure.
+        let cpu = targets[i]["requests"]["server_cpu_seconds"].as_f64();
+        assert!(
+            side["requests_per_cpu_s"][name].is_number() || cpu == Some(0.0),
+            "requests_per_cpu_s of {name}: {r}"
+        );
     }
 }
 
