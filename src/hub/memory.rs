@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
 use super::store::{Journal, Op, Store, StoreError, StoreSettings};
-use super::twin::{Content, Status};
+use super::twin::{apply_change, Content, Status, TwinResource};
 use super::{
     AuthContext, Command, CommandOutcome, CommandResult, CommandTicket, ConnectionRef,
     ConnectionStatus, Connections, DeviceRecord, Event, EventKind, Hub, HubError, HubMessage,
@@ -51,13 +51,6 @@ struct CommandEntry {
     /// Acceptance order over the hub, kept on disk so that a restart keeps
     /// commands oldest first (spec §7.1).
     order: u64,
-}
-
-#[derive(Debug)]
-struct TwinResource {
-    state: ResourceState,
-    /// The connection and sequence of the last accepted change (spec §6.7).
-    last: Option<(ConnectionRef, u64)>,
 }
 
 #[derive(Debug)]
@@ -920,53 +913,11 @@ impl Hub for MemoryHub {
             .notifications
             .fetch_add(changes.len() as u64, Ordering::Relaxed);
         for change in changes {
-            let resource = device.twin.entry(change.href.clone());
-            let kept = match resource {
-                std::collections::btree_map::Entry::Vacant(slot) => {
-                    slot.insert(TwinResource {
-                        state: ResourceState {
-                            href: change.href.clone(),
-                            content: change.content,
-                            status: change.status,
-                            etag: change.etag,
-                            resource_types: change.resource_types,
-                            version: 0,
-                            updated_at_ns: at,
-                        },
-                        last: Some((connection, change.sequence)),
-                    });
-                    true
-                }
-                std::collections::btree_map::Entry::Occupied(mut slot) => {
-                    let r = slot.get_mut();
-                    // spec §6.7: an older change of the same connection is
-                    // stale; an identical one changes nothing.
-                    let stale = matches!(r.last, Some((c, seq)) if c == connection && change.sequence < seq);
-                    let same = r.state.content == change.content
-                        && r.state.status == change.status
-                        && r.state.etag == change.etag;
-                    if stale || same {
-                        if !stale {
-                            r.last = Some((connection, change.sequence));
-                        }
-                        false
-                    } else {
-                        r.state.content = change.content;
-                        r.state.status = change.status;
-                        r.state.etag = change.etag;
-                        if !change.resource_types.is_empty() {
-                            r.state.resource_types = change.resource_types;
-                        }
-                        r.state.version += 1;
-                        r.state.updated_at_ns = at;
-                        r.last = Some((connection, change.sequence));
-                        true
-                    }
-                }
-            };
+            let href = change.href.clone();
+            let kept = apply_change(&mut device.twin, connection, change, at);
             if kept {
                 self.stats.twin_updates.fetch_add(1, Ordering::Relaxed);
-                let r = &device.twin[&change.href].state;
+                let r = &device.twin[&href].state;
                 put_resource(&mut st.journal, &device.key, r);
                 events.push(EventKind::ResourceChanged {
                     href: r.href.clone(),

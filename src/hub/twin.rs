@@ -4,7 +4,11 @@
 //! bytes and Content-Format the device sent (no decode on the notification
 //! path, spec §6.7).
 
+use std::collections::BTreeMap;
+
 use crate::coap::Code;
+
+use super::ConnectionRef;
 
 /// A resource representation as the device sent it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -286,5 +290,68 @@ mod tests {
         assert_eq!(content_format_of("application/xml"), None);
         assert_eq!(content_type_name(60), Some("application/cbor"));
         assert_eq!(content_type_name(-1), None);
+    }
+}
+
+/// One resource of a device's twin as a hub back end keeps it: the state
+/// the user side reads, and what the §6.7 ordering rule needs.
+#[derive(Debug, Clone)]
+pub(crate) struct TwinResource {
+    pub(crate) state: ResourceState,
+    /// The connection and sequence of the last accepted change (spec §6.7).
+    pub(crate) last: Option<(ConnectionRef, u64)>,
+}
+
+/// Applies one change from `connection` to a twin, at `at` (Unix ns), by
+/// the rule of spec §6.7: an older change of the same connection is stale
+/// and an identical one changes nothing (it only advances the sequence).
+/// True when the twin changed (a new version to record and announce).
+pub(crate) fn apply_change(
+    twin: &mut BTreeMap<String, TwinResource>,
+    connection: ConnectionRef,
+    change: ResourceChange,
+    at: u64,
+) -> bool {
+    match twin.entry(change.href.clone()) {
+        std::collections::btree_map::Entry::Vacant(slot) => {
+            slot.insert(TwinResource {
+                state: ResourceState {
+                    href: change.href,
+                    content: change.content,
+                    status: change.status,
+                    etag: change.etag,
+                    resource_types: change.resource_types,
+                    version: 0,
+                    updated_at_ns: at,
+                },
+                last: Some((connection, change.sequence)),
+            });
+            true
+        }
+        std::collections::btree_map::Entry::Occupied(mut slot) => {
+            let r = slot.get_mut();
+            let stale =
+                matches!(r.last, Some((c, seq)) if c == connection && change.sequence < seq);
+            let same = r.state.content == change.content
+                && r.state.status == change.status
+                && r.state.etag == change.etag;
+            if stale || same {
+                if !stale {
+                    r.last = Some((connection, change.sequence));
+                }
+                false
+            } else {
+                r.state.content = change.content;
+                r.state.status = change.status;
+                r.state.etag = change.etag;
+                if !change.resource_types.is_empty() {
+                    r.state.resource_types = change.resource_types;
+                }
+                r.state.version += 1;
+                r.state.updated_at_ns = at;
+                r.last = Some((connection, change.sequence));
+                true
+            }
+        }
     }
 }

@@ -100,7 +100,7 @@ use self::records::{
     decode_event, decode_link, decode_resource, device_key, encode_event, encode_link,
     encode_resource, token, untoken, CommandEntry, CommandState, DeviceEntry, NodeMsg, SyncEntry,
 };
-use super::twin::{Content, Status};
+use super::twin::{apply_change, Content, Status, TwinResource};
 use super::{
     AuthContext, Command, CommandOutcome, CommandResult, CommandTicket, ConnectionRef,
     ConnectionStatus, Connections, DeviceRecord, Event, EventKind, Hub, HubError, HubMessage,
@@ -189,14 +189,6 @@ fn owner_ctx(owner: &str, device_id: &str) -> AuthContext {
         device_id: device_id.to_owned(),
         ..AuthContext::default()
     }
-}
-
-/// One resource of a local twin.
-#[derive(Debug, Clone)]
-struct TwinResource {
-    state: ResourceState,
-    /// The connection and sequence of the last accepted change (spec §6.7).
-    last: Option<(ConnectionRef, u64)>,
 }
 
 /// A device whose connection this node holds: what its shard reads and
@@ -2260,49 +2252,8 @@ impl Hub for NatsHub {
                 ));
             }
             for change in changes {
-                let kept = match device.twin.entry(change.href.clone()) {
-                    std::collections::btree_map::Entry::Vacant(slot) => {
-                        slot.insert(TwinResource {
-                            state: ResourceState {
-                                href: change.href.clone(),
-                                content: change.content,
-                                status: change.status,
-                                etag: change.etag,
-                                resource_types: change.resource_types,
-                                version: 0,
-                                updated_at_ns: at,
-                            },
-                            last: Some((connection, change.sequence)),
-                        });
-                        true
-                    }
-                    std::collections::btree_map::Entry::Occupied(mut slot) => {
-                        let r = slot.get_mut();
-                        // spec §6.7: an older change of the same connection
-                        // is stale; an identical one changes nothing.
-                        let stale = matches!(r.last, Some((c, seq)) if c == connection && change.sequence < seq);
-                        let same = r.state.content == change.content
-                            && r.state.status == change.status
-                            && r.state.etag == change.etag;
-                        if stale || same {
-                            if !stale {
-                                r.last = Some((connection, change.sequence));
-                            }
-                            false
-                        } else {
-                            r.state.content = change.content;
-                            r.state.status = change.status;
-                            r.state.etag = change.etag;
-                            if !change.resource_types.is_empty() {
-                                r.state.resource_types = change.resource_types;
-                            }
-                            r.state.version += 1;
-                            r.state.updated_at_ns = at;
-                            r.last = Some((connection, change.sequence));
-                            true
-                        }
-                    }
-                };
+                let href = change.href.clone();
+                let kept = apply_change(&mut device.twin, connection, change, at);
                 if !kept {
                     continue;
                 }
@@ -2310,7 +2261,7 @@ impl Hub for NatsHub {
                     .stats
                     .twin_updates
                     .fetch_add(1, Ordering::Relaxed);
-                let Some(r) = device.twin.get(&change.href).map(|r| &r.state) else {
+                let Some(r) = device.twin.get(&href).map(|r| &r.state) else {
                     continue;
                 };
                 let item = Inner::item_key(&ctx.owner, &key, &r.href);
