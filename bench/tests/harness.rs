@@ -3,12 +3,9 @@
 //! 0 duplicated and 0 errors, and each leaves a well-formed report: the
 //! JSON fields SURFACE.md names, its latency curve, and the PNG plot.
 
-use std::path::Path;
-use std::process::Command;
-
 use serde_json::Value;
 
-const BENCH: &str = env!("CARGO_BIN_EXE_coap-gateway-bench");
+mod common;
 
 struct Run {
     report: Value,
@@ -16,37 +13,30 @@ struct Run {
     row: String,
 }
 
+/// A 50-device run against a spawned gateway, with its plot and its
+/// Markdown row.
 fn run(args: &[&str]) -> Run {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out = dir.path().join("report.json");
+    let dir = common::run_dir();
     let md = dir.path().join("RESULTS.md");
-    let gateway = Path::new(BENCH).with_file_name("coap-gateway");
-    assert!(
-        gateway.exists(),
-        "{} is built with the workspace (cargo test --workspace)",
-        gateway.display()
-    );
-    let result = Command::new(BENCH)
-        .args(args)
-        .args(["--spawn", "--devices", "50", "--no-progress", "--out"])
-        .arg(&out)
-        .arg("--results-md")
-        .arg(&md)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("the bench runs");
-    assert!(
-        result.status.success(),
-        "coap-gateway-bench {args:?}: {:?}\n{}\n{}",
-        result.status,
-        String::from_utf8_lossy(&result.stdout),
-        String::from_utf8_lossy(&result.stderr)
-    );
-    let text = std::fs::read_to_string(&out).expect("the JSON report");
-    let report = serde_json::from_str(&text).unwrap_or_else(|e| panic!("report: {e}\n{text}"));
-    let png = std::fs::read(out.with_extension("png")).expect("the plot next to the report");
+    let md_arg = md.to_str().expect("a UTF-8 temporary path").to_owned();
+    let mut all = args.to_vec();
+    all.extend([
+        "--spawn",
+        "--devices",
+        "50",
+        "--no-progress",
+        "--results-md",
+        &md_arg,
+    ]);
+    let run = common::run_spawning_in(dir, &all);
+    let png =
+        std::fs::read(run.dir.path().join("report.png")).expect("the plot next to the report");
     let row = std::fs::read_to_string(&md).expect("the Markdown row");
-    Run { report, png, row }
+    Run {
+        report: run.report,
+        png,
+        row,
+    }
 }
 
 /// The top level SURFACE.md promises scripts and docs.

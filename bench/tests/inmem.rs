@@ -4,33 +4,9 @@
 //! keepalive Ping of a virtual idle time without being closed; the report's
 //! figures are present and within sane ranges.
 
-use std::process::Command;
-
 use serde_json::Value;
 
-const BENCH: &str = env!("CARGO_BIN_EXE_coap-gateway-bench");
-
-fn run(args: &[&str]) -> (Value, String) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out = dir.path().join("report.json");
-    let result = Command::new(BENCH)
-        .args(args)
-        .arg("--out")
-        .arg(&out)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("the bench runs");
-    let stdout = String::from_utf8_lossy(&result.stdout).into_owned();
-    assert!(
-        result.status.success(),
-        "coap-gateway-bench {args:?}: {:?}\n{stdout}\n{}",
-        result.status,
-        String::from_utf8_lossy(&result.stderr)
-    );
-    let report = std::fs::read_to_string(&out).unwrap_or_default();
-    let value = serde_json::from_str(&report).unwrap_or_else(|e| panic!("report: {e}\n{report}"));
-    (value, stdout)
-}
+mod common;
 
 fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
@@ -38,17 +14,22 @@ fn f(v: &Value) -> f64 {
 
 #[test]
 fn two_hundred_devices_sign_in_in_memory_and_answer_every_keepalive() {
-    let (r, stdout) = run(&[
-        "idle",
-        "--transport",
-        "memory",
-        "--devices",
-        "200",
-        "--shards",
-        "2",
-        "--duration",
-        "35s",
-    ]);
+    let common::BenchRun {
+        report: r, stdout, ..
+    } = common::run_in(
+        common::run_dir(),
+        &[
+            "idle",
+            "--transport",
+            "memory",
+            "--devices",
+            "200",
+            "--shards",
+            "2",
+            "--duration",
+            "35s",
+        ],
+    );
     let ctx = format!("{r:#}\n{stdout}");
     assert_eq!(r["scenario"], "idle", "{ctx}");
     assert_eq!(r["transport"], "memory", "{ctx}");
@@ -103,7 +84,7 @@ fn memory_transport_is_refused_outside_idle_and_with_a_gateway() {
         &["notify", "--transport", "memory"][..],
         &["idle", "--transport", "memory", "--spawn"][..],
     ] {
-        let out = Command::new(BENCH)
+        let out = std::process::Command::new(common::BENCH)
             .args(args)
             .output()
             .expect("the bench runs");

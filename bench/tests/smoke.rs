@@ -4,39 +4,8 @@
 //! not answer once broke the `signin` scenario without any test noticing).
 //! Figures are not checked here; only that every request succeeded.
 
-use std::path::Path;
-use std::process::Command;
-
-use serde_json::Value;
-
-const BENCH: &str = env!("CARGO_BIN_EXE_coap-gateway-bench");
-
-fn run(args: &[&str]) -> Value {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out = dir.path().join("report.json");
-    let gateway = Path::new(BENCH).with_file_name("coap-gateway");
-    assert!(
-        gateway.exists(),
-        "{} is built with the workspace (cargo test --workspace)",
-        gateway.display()
-    );
-    let result = Command::new(BENCH)
-        .args(args)
-        .arg("--out")
-        .arg(&out)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("the bench runs");
-    let report = std::fs::read_to_string(&out).unwrap_or_default();
-    assert!(
-        result.status.success(),
-        "coap-gateway-bench {args:?}: {:?}\n{}\n{}",
-        result.status,
-        String::from_utf8_lossy(&result.stdout),
-        String::from_utf8_lossy(&result.stderr)
-    );
-    serde_json::from_str(&report).unwrap_or_else(|e| panic!("report: {e}\n{report}"))
-}
+mod common;
+use common::run;
 
 #[test]
 fn signin_signs_in_over_established_connections_without_errors() {
