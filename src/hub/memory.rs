@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
 use super::store::{Journal, Op, Store, StoreError, StoreSettings};
-use super::twin::{apply_change, Content, Status, TwinResource};
+use super::twin::{apply_change, latest_etags, Content, Status, TwinResource};
 use super::{
     AuthContext, Command, CommandOutcome, CommandResult, CommandTicket, ConnectionRef,
     ConnectionStatus, Connections, DeviceRecord, Event, EventKind, Hub, HubError, HubMessage,
@@ -876,17 +876,7 @@ impl Hub for MemoryHub {
         let Some(device) = state.devices.get(&key(device_id)) else {
             return Vec::new();
         };
-        let mut tagged: Vec<(u64, &Vec<u8>)> = device
-            .twin
-            .values()
-            .filter_map(|r| r.state.etag.as_ref().map(|e| (r.state.updated_at_ns, e)))
-            .collect();
-        tagged.sort_by_key(|t| std::cmp::Reverse(t.0));
-        tagged
-            .into_iter()
-            .take(max)
-            .map(|(_, e)| e.clone())
-            .collect()
+        latest_etags(&device.twin, max)
     }
 
     fn resources_changed(

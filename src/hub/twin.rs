@@ -355,3 +355,18 @@ pub(crate) fn apply_change(
         }
     }
 }
+
+/// spec §6.5 ETags on re-sync: the ETags of a twin's latest
+/// representations, newest first, at most `max`.
+pub(crate) fn latest_etags(twin: &BTreeMap<String, TwinResource>, max: usize) -> Vec<Vec<u8>> {
+    let mut tagged: Vec<(u64, &Vec<u8>)> = twin
+        .values()
+        .filter_map(|r| r.state.etag.as_ref().map(|e| (r.state.updated_at_ns, e)))
+        .collect();
+    tagged.sort_by_key(|t| std::cmp::Reverse(t.0));
+    tagged
+        .into_iter()
+        .take(max)
+        .map(|(_, e)| e.clone())
+        .collect()
+}

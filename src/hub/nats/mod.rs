@@ -100,7 +100,7 @@ use self::records::{
     decode_event, decode_link, decode_resource, device_key, encode_event, encode_link,
     encode_resource, token, untoken, CommandEntry, CommandState, DeviceEntry, NodeMsg, SyncEntry,
 };
-use super::twin::{apply_change, Content, Status, TwinResource};
+use super::twin::{apply_change, latest_etags, Content, Status, TwinResource};
 use super::{
     AuthContext, Command, CommandOutcome, CommandResult, CommandTicket, ConnectionRef,
     ConnectionStatus, Connections, DeviceRecord, Event, EventKind, Hub, HubError, HubMessage,
@@ -2210,17 +2210,7 @@ impl Hub for NatsHub {
         let Some(device) = local.get(&device_key(device_id)) else {
             return Vec::new();
         };
-        let mut tagged: Vec<(u64, &Vec<u8>)> = device
-            .twin
-            .values()
-            .filter_map(|r| r.state.etag.as_ref().map(|e| (r.state.updated_at_ns, e)))
-            .collect();
-        tagged.sort_by_key(|t| std::cmp::Reverse(t.0));
-        tagged
-            .into_iter()
-            .take(max)
-            .map(|(_, e)| e.clone())
-            .collect()
+        latest_etags(&device.twin, max)
     }
 
     fn resources_changed(
