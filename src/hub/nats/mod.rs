@@ -565,6 +565,42 @@ impl Inner {
         }
     }
 
+    /// Pending → Expired (spec §7.4) by CAS; its issuer learns it through
+    /// the CommandExpired event, attributed to `ctx`. Nothing happens when
+    /// someone changed the command first.
+    async fn expire_command(
+        &self,
+        key: &str,
+        entry: CommandEntry,
+        revision: u64,
+        now_ns: u64,
+        ctx: AuthContext,
+    ) -> Result<(), HubError> {
+        let expired = CommandEntry {
+            state: CommandState::Expired,
+            finished_at_ns: now_ns,
+            ..entry
+        };
+        if self
+            .update_command(key, &expired, revision)
+            .await?
+            .is_none()
+        {
+            return Ok(());
+        }
+        self.stats.commands_expired.fetch_add(1, Ordering::Relaxed);
+        let c = &expired.command;
+        let kind = EventKind::CommandExpired {
+            correlation_id: c.correlation_id.clone(),
+            href: c.href.clone(),
+            operation: c.kind.operation(),
+        };
+        if let Some(out) = self.event_out(&expired.owner, &c.device_id, ctx, kind) {
+            self.outbox.push_async(out).await?;
+        }
+        Ok(())
+    }
+
     /// The commands of one device: (key, entry, revision), oldest first.
     async fn device_commands(
         &self,
@@ -1099,28 +1135,9 @@ impl Inner {
             };
             match &entry.state {
                 CommandState::Pending if entry.command.expired(now) => {
-                    let expired = CommandEntry {
-                        state: CommandState::Expired,
-                        finished_at_ns: now,
-                        ..entry
-                    };
-                    if self
-                        .update_command(&ckey, &expired, revision)
-                        .await?
-                        .is_some()
-                    {
-                        self.stats.commands_expired.fetch_add(1, Ordering::Relaxed);
-                        let c = &expired.command;
-                        let kind = EventKind::CommandExpired {
-                            correlation_id: c.correlation_id.clone(),
-                            href: c.href.clone(),
-                            operation: c.kind.operation(),
-                        };
-                        let ctx = owner_ctx(&expired.owner, &c.device_id);
-                        if let Some(out) = self.event_out(&expired.owner, &c.device_id, ctx, kind) {
-                            self.outbox.push_async(out).await?;
-                        }
-                    }
+                    let ctx = owner_ctx(&entry.owner, &entry.command.device_id);
+                    self.expire_command(&ckey, entry, revision, now, ctx)
+                        .await?;
                 }
                 CommandState::Pending | CommandState::Dispatched { .. } => open += 1,
                 _ => {
@@ -2310,29 +2327,9 @@ impl Hub for NatsHub {
                     continue;
                 }
                 if entry.command.expired(now_ns) {
-                    let expired = CommandEntry {
-                        state: CommandState::Expired,
-                        finished_at_ns: now_ns,
-                        ..entry
-                    };
-                    if inner
-                        .update_command(&ckey, &expired, revision)
-                        .await?
-                        .is_some()
-                    {
-                        inner.stats.commands_expired.fetch_add(1, Ordering::Relaxed);
-                        let cmd = &expired.command;
-                        let kind = EventKind::CommandExpired {
-                            correlation_id: cmd.correlation_id.clone(),
-                            href: cmd.href.clone(),
-                            operation: cmd.kind.operation(),
-                        };
-                        if let Some(out) =
-                            inner.event_out(&c.owner, &cmd.device_id, c.clone(), kind)
-                        {
-                            inner.outbox.push_async(out).await?;
-                        }
-                    }
+                    inner
+                        .expire_command(&ckey, entry, revision, now_ns, c.clone())
+                        .await?;
                 } else if entry.command.href == "/plgd/s" || published.contains(&entry.command.href)
                 {
                     let dispatched = CommandEntry {
