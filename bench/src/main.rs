@@ -944,7 +944,7 @@ fn connect_scenario(cli: &Cli, ctx: &Context) -> Result<Value, Failure> {
 /// Issues `n` device identities and signs them up (connect, our CSM and a
 /// sign-up, close), with the gateway's CPU read around it. Returns the
 /// registered devices and the set-up's report.
-fn sign_up_fleet(
+pub(crate) fn sign_up_fleet(
     ctx: &Context,
     target: &Target,
     authority: &Arc<coap_gateway::auth::authority::Authority>,
@@ -954,19 +954,15 @@ fn sign_up_fleet(
     let started = Instant::now();
     let identities = ocf::identities(&target.ca_dir, n as usize, ctx.threads)?;
     let identities_s = started.elapsed().as_secs_f64();
-    let before = gw_cpu();
-    let enrolled = fleet::enroll(
-        target.addr,
+    let (enrolled, cpu) = enroll_measured(
+        ctx,
+        target,
         identities,
         authority,
-        ctx.threads,
-        Instant::now() + Duration::from_secs(60) + Duration::from_millis(10 * n),
-        &ctx.interrupted,
+        Duration::from_millis(10),
         fleet::Keep::Close,
+        gw_cpu,
     );
-    let cpu = before
-        .zip(gw_cpu())
-        .map(|(a, b)| ctx.ticks_to_s(b.since(a).total()));
     let (registered, load) = enrolled.into_registered();
     let report = setup_report(&load, n, cpu, identities_s, "connect, CSM, sign-up, close");
     if registered.is_empty() {
@@ -976,6 +972,35 @@ fn sign_up_fleet(
         )));
     }
     Ok((registered, report))
+}
+
+/// Enrolls `identities` into the target with the gateway's CPU read around
+/// it (the set-up every device scenario starts with). The enrolment may
+/// take a minute plus `per_device` for each.
+fn enroll_measured(
+    ctx: &Context,
+    target: &Target,
+    identities: Vec<ocf::Identity>,
+    authority: &Arc<coap_gateway::auth::authority::Authority>,
+    per_device: Duration,
+    keep: fleet::Keep,
+    gw_cpu: &dyn Fn() -> Option<CpuTicks>,
+) -> (fleet::Enrolled, Option<f64>) {
+    let n = identities.len() as u32;
+    let before = gw_cpu();
+    let enrolled = fleet::enroll(
+        target.addr,
+        identities,
+        authority,
+        ctx.threads,
+        Instant::now() + Duration::from_secs(60) + per_device * n,
+        &ctx.interrupted,
+        keep,
+    );
+    let cpu = before
+        .zip(gw_cpu())
+        .map(|(a, b)| ctx.ticks_to_s(b.since(a).total()));
+    (enrolled, cpu)
 }
 
 /// The set-up phase in a report, and printed.
@@ -1078,19 +1103,15 @@ fn signin_scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, F
     let started = Instant::now();
     let identities = ocf::identities(&target.ca_dir, devices as usize, ctx.threads)?;
     let identities_s = started.elapsed().as_secs_f64();
-    let before = gw_cpu();
-    let enrolled = fleet::enroll(
-        target.addr,
+    let (enrolled, setup_cpu) = enroll_measured(
+        ctx,
+        &target,
         identities,
         &authority,
-        ctx.threads,
-        Instant::now() + Duration::from_secs(60) + Duration::from_millis(10 * devices),
-        &ctx.interrupted,
+        Duration::from_millis(10),
         fleet::Keep::SignedIn,
+        &gw_cpu,
     );
-    let setup_cpu = before
-        .zip(gw_cpu())
-        .map(|(a, b)| ctx.ticks_to_s(b.since(a).total()));
     let setup = setup_report(
         &enrolled.load,
         devices,

@@ -93,19 +93,15 @@ pub fn twin_fleet(
             sampled.push(identity.id.clone());
         }
     }
-    let before = gw_cpu();
-    let enrolled = fleet::enroll(
-        target.addr,
+    let (enrolled, cpu) = crate::enroll_measured(
+        ctx,
+        &target,
         identities,
         &authority,
-        ctx.threads,
-        Instant::now() + Duration::from_secs(60) + Duration::from_millis(20 * devices),
-        &ctx.interrupted,
+        Duration::from_millis(20),
         fleet::Keep::Twin(resources),
+        &gw_cpu,
     );
-    let cpu = before
-        .zip(gw_cpu())
-        .map(|(a, b)| ctx.ticks_to_s(b.since(a).total()));
     let setup = setup_report(
         &enrolled.load,
         devices,

@@ -39,11 +39,11 @@ use rustls::ClientConnection;
 use serde_json::{json, Value};
 
 use crate::device::{DeviceError, Stage};
-use crate::fleet::{self, Registered};
+use crate::fleet::Registered;
 use crate::http::Http;
 use crate::load::{self, Errors, Percentiles};
 use crate::twin::TwinModel;
-use crate::{check_health, live, ocf, procfs, round, setup_report, Cli, Context, Failure};
+use crate::{check_health, live, ocf, procfs, round, Cli, Context, Failure};
 
 /// Largest message accepted from the gateway.
 const MAX_MESSAGE: usize = 1 << 20;
@@ -903,24 +903,7 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
 
     // Set-up: identities, and one sign-up each (connect, CSM, sign-up,
     // close).
-    let started = Instant::now();
-    let identities = ocf::identities(&target.ca_dir, n as usize, ctx.threads)?;
-    let identities_s = started.elapsed().as_secs_f64();
-    let before = gw_cpu();
-    let enrolled = fleet::enroll(
-        target.addr,
-        identities,
-        &authority,
-        ctx.threads,
-        Instant::now() + Duration::from_secs(60) + Duration::from_millis(10 * n),
-        &ctx.interrupted,
-        fleet::Keep::Close,
-    );
-    let cpu = before
-        .zip(gw_cpu())
-        .map(|(a, b)| ctx.ticks_to_s(b.since(a).total()));
-    let (registered, load) = enrolled.into_registered();
-    let setup = setup_report(&load, n, cpu, identities_s, "connect, CSM, sign-up, close");
+    let (registered, setup) = crate::sign_up_fleet(ctx, &target, &authority, n, &gw_cpu)?;
     let devices: Vec<StormDevice> = registered
         .into_iter()
         .filter_map(|registered| {
