@@ -46,6 +46,9 @@ pub struct Shared {
     /// Notifications the hub counted since the run began (set by the
     /// caller).
     pub acked: AtomicU64,
+    /// Changes the hub has not handed on yet (the NATS hub's queue to the
+    /// broker; always 0 on the embedded hub), set by the caller.
+    pub hub_queued: AtomicU64,
     /// Unix ns at which the current sending phase began (the rate's time
     /// origin).
     pub phase_start_ns: AtomicU64,

@@ -142,6 +142,10 @@ pub struct HubCounts {
     pub commands_submitted: u64,
     pub commands_answered: u64,
     pub store_commits: u64,
+    /// Changes waiting for the broker (gauge; the NATS hub counts a
+    /// notification when it queues it, and it is recorded once this is
+    /// 0).
+    pub queued: u64,
 }
 
 impl HubCounts {
@@ -154,6 +158,7 @@ impl HubCounts {
             commands_submitted: get("coapgw_hub_commands_submitted_total"),
             commands_answered: get("coapgw_hub_commands_answered_total"),
             store_commits: get("coapgw_hub_store_commits_total"),
+            queued: get("coapgw_hub_nats_queue_depth"),
         })
     }
 
@@ -164,6 +169,7 @@ impl HubCounts {
             commands_submitted: self.commands_submitted.saturating_sub(a.commands_submitted),
             commands_answered: self.commands_answered.saturating_sub(a.commands_answered),
             store_commits: self.store_commits.saturating_sub(a.store_commits),
+            queued: self.queued,
         }
     }
 }
@@ -184,9 +190,12 @@ impl Monitor {
             let mut failures = 0;
             while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
                 match HubCounts::read(&mut http) {
-                    Ok(c) => shared
-                        .acked
-                        .store(c.notifications.saturating_sub(base), Ordering::Relaxed),
+                    Ok(c) => {
+                        shared.hub_queued.store(c.queued, Ordering::Relaxed);
+                        shared
+                            .acked
+                            .store(c.notifications.saturating_sub(base), Ordering::Relaxed)
+                    }
                     Err(_) => failures += 1,
                 }
                 std::thread::sleep(METRICS_EVERY);
@@ -306,16 +315,21 @@ pub fn changed_sample(data: &str) -> Option<(String, u64, u64, u64)> {
     (seq > 0).then_some((device, seq, t, at))
 }
 
-/// Waits until the hub counted everything sent (bounded).
+/// Waits until the hub counted everything sent and handed it on (the
+/// NATS hub's queue to the broker empty), bounded.
 fn drain(shared: &Shared, limit: Duration, interrupted: &AtomicBool) -> bool {
+    let done = || {
+        shared.acked.load(Ordering::Relaxed) >= shared.sent.load(Ordering::Relaxed)
+            && shared.hub_queued.load(Ordering::Relaxed) == 0
+    };
     let until = Instant::now() + limit;
     while Instant::now() < until && !interrupted.load(Ordering::Relaxed) {
-        if shared.acked.load(Ordering::Relaxed) >= shared.sent.load(Ordering::Relaxed) {
+        if done() {
             return true;
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    shared.acked.load(Ordering::Relaxed) >= shared.sent.load(Ordering::Relaxed)
+    done()
 }
 
 pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Failure> {

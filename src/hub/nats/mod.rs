@@ -13,7 +13,7 @@
 //!
 //! | where | key / subject | value |
 //! |---|---|---|
-//! | stream `<p>-events` | `<p>.events.<owner>.<device>.<kind>` | an event; its stream sequence is its `seq` |
+//! | stream `<p>-events` | `<p>.events.<owner>.<device>.<kind>` | an event, or several consecutive events of the device and kind ([`records::EVENTS`]); an event's `seq` is `stream sequence << 10 \| index` |
 //! | bucket `<p>-registry` | `dev.<device>` | owner, connection status, node (`service_id`) and connection, twin enabled; changed by CAS |
 //! | bucket `<p>-registry` | `sync.<device>` | twin sync state (spec §6.9), written by the device's node |
 //! | bucket `<p>-twin` | `<owner>.<device>.<href>` | latest content of the resource |
@@ -35,7 +35,10 @@
 //! Device-side changes (`resources_changed`, `set_twin_state`,
 //! `command_result`, `set_offline`, ...) are queued and published by a
 //! control-plane task in batches ([`outbox`]): bounded, retried across
-//! broker outages, order per device kept. Rare calls wait for the broker,
+//! broker outages, order per device kept. Within a batch a device's
+//! consecutive events of one kind share a message and a key's superseded
+//! values are not sent, so a burst costs a few broker round trips, not
+//! two per notification. Rare calls wait for the broker,
 //! bounded by `hub.nats.request_timeout` (then [`HubError::Unavailable`]):
 //! `add_device`, `delete_device`, `set_online` (registry CAS, twin load),
 //! `publish`/`unpublish` (acknowledged before they return), and
@@ -95,10 +98,11 @@ use async_nats::jetstream::{self, consumer, kv, stream};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use self::outbox::{Fail, Out, Outbox};
+use self::outbox::{Fail, Merge, Out, Outbox};
 use self::records::{
-    decode_event, decode_link, decode_resource, device_key, encode_event, encode_link,
-    encode_resource, token, untoken, CommandEntry, CommandState, DeviceEntry, NodeMsg, SyncEntry,
+    decode_events, decode_link, decode_resource, device_key, encode_event, encode_link,
+    encode_resource, stream_seq_of, token, untoken, CommandEntry, CommandState, DeviceEntry,
+    NodeMsg, SyncEntry,
 };
 use super::twin::{apply_change, latest_etags, Content, Status, TwinResource};
 use super::{
@@ -332,12 +336,14 @@ impl Inner {
         )
     }
 
+    /// A key-value entry for the outbox.
     fn put(&self, subject: String, payload: Bytes) -> Out {
         Out::Put {
             subject,
             payload,
             msg_id: self.next_msg_id(),
             delete: false,
+            merge: Merge::Latest,
         }
     }
 
@@ -347,6 +353,7 @@ impl Inner {
             payload: Bytes::new(),
             msg_id: self.next_msg_id(),
             delete: true,
+            merge: Merge::Latest,
         }
     }
 
@@ -374,7 +381,13 @@ impl Inner {
             kind,
         };
         match encode_event(&event) {
-            Ok(payload) => Some(self.put(subject, payload)),
+            Ok(payload) => Some(Out::Put {
+                subject,
+                payload,
+                msg_id: self.next_msg_id(),
+                delete: false,
+                merge: Merge::Event,
+            }),
             Err(e) => {
                 tracing::error!(device_id, "an event cannot be encoded: {e}");
                 None
@@ -2748,20 +2761,22 @@ impl Hub for NatsHub {
                 let Ok(seq) = message.info().map(|i| i.stream_sequence) else {
                     continue;
                 };
-                let event = match decode_event(&message.payload, seq) {
-                    Ok(e) => Arc::new(e),
-                    Err(e) => {
-                        tracing::warn!(seq, "skipping an unreadable event: {e}");
-                        continue;
+                for event in decode_events(&message.payload, seq) {
+                    let event = match event {
+                        Ok(e) => Arc::new(e),
+                        Err(e) => {
+                            tracing::warn!(seq, "skipping an unreadable event: {e}");
+                            continue;
+                        }
+                    };
+                    match tx.try_send(event) {
+                        Ok(()) => {}
+                        Err(flume::TrySendError::Full(_)) => {
+                            tracing::warn!(owner, "dropping an event subscriber that fell behind");
+                            return;
+                        }
+                        Err(flume::TrySendError::Disconnected(_)) => return,
                     }
-                };
-                match tx.try_send(event) {
-                    Ok(()) => {}
-                    Err(flume::TrySendError::Full(_)) => {
-                        tracing::warn!(owner, "dropping an event subscriber that fell behind");
-                        return;
-                    }
-                    Err(flume::TrySendError::Disconnected(_)) => return,
                 }
             }
         });
@@ -2781,21 +2796,26 @@ impl Hub for NatsHub {
                 .read_stream(
                     &inner.events,
                     filter,
+                    // The message that holds `after` may hold later
+                    // events too (a group, records::SEQ_SHIFT).
                     consumer::DeliverPolicy::ByStartSequence {
-                        start_sequence: after.saturating_add(1),
+                        start_sequence: stream_seq_of(after).max(1),
                     },
-                    limit,
+                    limit.saturating_add(1),
                 )
                 .await?;
             Ok(records
                 .into_iter()
-                .filter_map(|r| match decode_event(&r.payload, r.seq) {
+                .flat_map(|r| decode_events(&r.payload, r.seq))
+                .filter_map(|e| match e {
                     Ok(e) => Some(e),
                     Err(e) => {
-                        tracing::warn!(seq = r.seq, "skipping an unreadable event: {e}");
+                        tracing::warn!("skipping an unreadable event: {e}");
                         None
                     }
                 })
+                .filter(|e| e.seq > after)
+                .take(limit)
                 .collect())
         })
     }

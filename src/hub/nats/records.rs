@@ -192,17 +192,74 @@ pub(super) fn decode_resource(bytes: &[u8]) -> Result<ResourceState, String> {
         .ok_or_else(|| "a twin record with an unknown status".to_owned())
 }
 
-/// An event as published; its `seq` is the stream sequence JetStream
-/// gives it (so it orders the events of every node).
+/// An event as published; its `seq` comes from the stream sequence
+/// JetStream gives its message (so it orders the events of every node,
+/// see [`SEQ_SHIFT`]).
 pub(super) fn encode_event(event: &Event) -> Result<Bytes, String> {
     seal(&EventRec::from(event))
 }
 
-pub(super) fn decode_event(bytes: &[u8], seq: u64) -> Result<Event, String> {
+fn decode_event(bytes: &[u8], seq: u64) -> Result<Event, String> {
     let mut buf = AlignedVec::new();
     open::<ArchivedEventRec>(bytes, &mut buf)?
         .to_event(seq)
         .ok_or_else(|| "an event record with an unknown code".to_owned())
+}
+
+/// The first byte of a message that holds several events (of one device
+/// and kind, merged by the outbox so that a burst of notifications is one
+/// broker round trip, issue 6), then per event a `u32` LE length and the
+/// event's own record (with its [`FORMAT`] byte).
+pub(super) const EVENTS: u8 = 0xE1;
+/// An event's `seq` is `stream sequence << SEQ_SHIFT | index in its
+/// message`: ordered over nodes and messages like the stream, and
+/// distinct for the events of one message.
+pub(super) const SEQ_SHIFT: u32 = 10;
+/// Events one message holds at most.
+pub(super) const MAX_GROUP: usize = 1 << SEQ_SHIFT;
+
+/// One message for several event records (each from [`encode_event`]).
+pub(super) fn group_events(records: &[Bytes]) -> Bytes {
+    debug_assert!(records.len() <= MAX_GROUP);
+    let len: usize = records.iter().map(|r| 4 + r.len()).sum();
+    let mut out = Vec::with_capacity(1 + len);
+    out.push(EVENTS);
+    for r in records {
+        out.extend_from_slice(&(r.len() as u32).to_le_bytes());
+        out.extend_from_slice(r);
+    }
+    Bytes::from(out)
+}
+
+/// The events of a message at `stream_seq` (one, or a group), each with
+/// its `seq`; an unreadable one is an `Err` in its place.
+pub(super) fn decode_events(bytes: &[u8], stream_seq: u64) -> Vec<Result<Event, String>> {
+    let base = stream_seq << SEQ_SHIFT;
+    let Some((&EVENTS, mut rest)) = bytes.split_first() else {
+        return vec![decode_event(bytes, base)];
+    };
+    let mut events = Vec::new();
+    while !rest.is_empty() {
+        let index = events.len() as u64;
+        let Some((len, tail)) = rest.split_first_chunk::<4>() else {
+            events.push(Err("a truncated group of events".to_owned()));
+            break;
+        };
+        let len = u32::from_le_bytes(*len) as usize;
+        if tail.len() < len || index >= MAX_GROUP as u64 {
+            events.push(Err("a truncated group of events".to_owned()));
+            break;
+        }
+        let (record, tail) = tail.split_at(len);
+        events.push(decode_event(record, base | index));
+        rest = tail;
+    }
+    events
+}
+
+/// The stream sequence of the message that holds the event `seq`.
+pub(super) fn stream_seq_of(seq: u64) -> u64 {
+    seq >> SEQ_SHIFT
 }
 
 // -- commands ----------------------------------------------------------------
@@ -470,7 +527,7 @@ impl NodeMsg {
 mod tests {
     use super::*;
     use crate::hub::twin::Status;
-    use crate::hub::{CommandKind, ConnectionStatus, Protocol, TwinSync};
+    use crate::hub::{AuthContext, CommandKind, ConnectionStatus, EventKind, Protocol, TwinSync};
 
     #[test]
     fn tokens_are_subject_safe_and_reversible() {
@@ -592,5 +649,74 @@ mod tests {
             in_sync_at_ns: 2,
         };
         assert_eq!(SyncEntry::decode(&sync.encode().unwrap()).unwrap(), sync);
+    }
+
+    fn event(n: u64) -> Event {
+        Event {
+            seq: 0,
+            owner: "o".into(),
+            device_id: "d".into(),
+            at_ns: n,
+            auth: AuthContext {
+                owner: "o".into(),
+                device_id: "d".into(),
+                subject: None,
+                token_id: None,
+            },
+            kind: EventKind::ResourceChanged {
+                href: "/a".into(),
+                status: Status::Ok,
+                content: Content {
+                    data: vec![n as u8],
+                    content_format: 60,
+                },
+                etag: None,
+                version: n,
+            },
+        }
+    }
+
+    #[test]
+    fn grouped_events_decode_in_order_with_distinct_ordered_seqs() {
+        // One event alone: its seq is the stream sequence's.
+        let one = decode_events(&encode_event(&event(1)).unwrap(), 7);
+        assert_eq!(one.len(), 1);
+        let e = one[0].as_ref().unwrap();
+        assert_eq!((e.seq, e.at_ns), (7 << SEQ_SHIFT, 1));
+        assert_eq!(stream_seq_of(e.seq), 7);
+
+        let records: Vec<Bytes> = (1..=3).map(|n| encode_event(&event(n)).unwrap()).collect();
+        let group = group_events(&records);
+        assert_eq!(group[0], EVENTS);
+        let events: Vec<Event> = decode_events(&group, 8)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            events.iter().map(|e| (e.seq, e.at_ns)).collect::<Vec<_>>(),
+            vec![
+                (8 << SEQ_SHIFT, 1),
+                (8 << SEQ_SHIFT | 1, 2),
+                (8 << SEQ_SHIFT | 2, 3)
+            ]
+        );
+        assert!(events.iter().all(|e| stream_seq_of(e.seq) == 8));
+        assert!(events[2].seq < 9 << SEQ_SHIFT);
+        assert_eq!(events[1], {
+            let mut e = event(2);
+            e.seq = 8 << SEQ_SHIFT | 1;
+            e
+        });
+
+        // A truncated group: what is whole is read, then one error.
+        let cut = decode_events(&group[..group.len() - 2], 8);
+        assert_eq!(cut.len(), 3);
+        assert!(cut[0].is_ok() && cut[1].is_ok());
+        assert!(cut[2].as_ref().unwrap_err().contains("truncated"));
+        let cut = decode_events(&group[..3], 8);
+        assert_eq!(cut.len(), 1);
+        assert!(cut[0].is_err());
+        assert!(decode_events(&[EVENTS], 1).is_empty());
+        assert!(decode_events(&[], 1)[0].is_err());
     }
 }

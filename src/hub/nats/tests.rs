@@ -410,6 +410,86 @@ fn one_node_keeps_the_registry_the_twin_and_commands() {
     assert!(hub.stats().nats_published.load(Ordering::Relaxed) > 0);
 }
 
+/// A burst of notifications goes out merged (a few messages, not two
+/// per notification), and every reader gets it back event by event, in
+/// order: the event log from any point, a live subscriber, the twin.
+#[test]
+fn a_burst_of_notifications_is_merged_and_read_back_one_by_one() {
+    const N: usize = 300;
+    let server = NatsServer::start();
+    let p = prefix();
+    let (hub, _inbox) = open(&server, &p, "node-a");
+    let alice = ctx("alice");
+    hub.add_device(&alice).unwrap();
+    hub.set_online(&alice, online("node-a", 1)).unwrap();
+    hub.publish(&alice, vec![link("/light")]).unwrap();
+    hub.flush().unwrap();
+    let live = hub.subscribe("alice");
+    let published = || hub.stats().nats_published.load(Ordering::Relaxed);
+    let before = published();
+    for i in 1..=N {
+        let value = i.to_string();
+        hub.resources_changed(
+            &alice,
+            ConnectionRef(1),
+            vec![change("/light", value.as_bytes(), i as u64)],
+        )
+        .unwrap();
+    }
+    hub.flush().unwrap();
+    let messages = published() - before;
+    assert!(
+        messages < N as u64,
+        "{N} notifications (an event and a twin value each) went out in {messages} messages"
+    );
+
+    let values = |events: &[Event]| -> Vec<String> {
+        events
+            .iter()
+            .filter_map(|e| match &e.kind {
+                EventKind::ResourceChanged { content, .. } => {
+                    Some(String::from_utf8(content.data.clone()).unwrap())
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let expected: Vec<String> = (1..=N).map(|i| i.to_string()).collect();
+    let all = hub.events_after("alice", 0, 10_000).unwrap();
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert_eq!(values(&all), expected);
+    // From inside a merged message, and bounded by the limit.
+    let changed: Vec<&Event> = all
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::ResourceChanged { .. }))
+        .collect();
+    let mid = changed[N / 2 - 1].seq;
+    let rest = hub.events_after("alice", mid, 10_000).unwrap();
+    assert_eq!(values(&rest), expected[N / 2..]);
+    let ten = hub.events_after("alice", mid, 10).unwrap();
+    assert_eq!(values(&ten), expected[N / 2..N / 2 + 10]);
+    assert_eq!(
+        ten.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        changed[N / 2..N / 2 + 10]
+            .iter()
+            .map(|e| e.seq)
+            .collect::<Vec<_>>()
+    );
+
+    let mut seen = Vec::new();
+    while seen.len() < N {
+        let event = live
+            .recv_timeout(Duration::from_secs(5))
+            .expect("every event reaches the live subscriber");
+        seen.push(event.as_ref().clone());
+    }
+    assert_eq!(values(&seen), expected);
+    assert_eq!(
+        hub.resource("alice", D, "/light").unwrap().content.data,
+        N.to_string().into_bytes()
+    );
+}
+
 #[test]
 fn two_nodes_route_commands_and_share_the_twin() {
     let server = NatsServer::start();
