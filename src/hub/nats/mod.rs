@@ -1083,7 +1083,14 @@ impl Inner {
             if tx.is_disconnected() {
                 return;
             }
-            let mut watch = match self.commands.watch(&ckey).await {
+            // With history (the key's latest value first, then its
+            // updates): the watch starts while the command is already on
+            // its way, and a plain `watch` (new updates only) missed an
+            // answer that came before the watch's consumer existed — the
+            // caller then waited until its timeout (1 in ~3,000 commands
+            // under `command --hub nats`). Also what a re-watch after a
+            // broken one needs.
+            let mut watch = match self.commands.watch_with_history(&ckey).await {
                 Ok(w) => w,
                 Err(e) => {
                     tracing::debug!(key = %ckey, "cannot watch a command yet: {e}");

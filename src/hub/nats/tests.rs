@@ -410,6 +410,42 @@ fn one_node_keeps_the_registry_the_twin_and_commands() {
     assert!(hub.stats().nats_published.load(Ordering::Relaxed) > 0);
 }
 
+/// The issuer's watch on a command starts while the command is already
+/// on its way (spawned, not awaited, before the dispatch): an answer
+/// stored before the watch exists must still reach the caller. Here the
+/// key is answered before the watch starts at all.
+#[test]
+fn an_answer_stored_before_the_issuers_watch_still_reaches_the_caller() {
+    let server = NatsServer::start();
+    let p = prefix();
+    let (hub, _inbox) = open(&server, &p, "node-a");
+    let ckey = Inner::item_key("alice", &device_key(D), "early");
+    let answered = CommandEntry {
+        owner: "alice".into(),
+        order: 1,
+        command: update("early", "/light"),
+        state: CommandState::Answered(ok("early")),
+        finished_at_ns: now_ns(),
+    };
+    let inner = hub.inner.clone();
+    let (key, bytes) = (ckey.clone(), answered.encode().unwrap());
+    hub.call(async move {
+        inner
+            .commands
+            .create(&key, bytes)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    })
+    .unwrap();
+    let (tx, rx) = flume::bounded(1);
+    hub.handle.spawn(hub.inner.clone().watch_outcome(ckey, tx));
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(5)),
+        Ok(CommandOutcome::Answered(ok("early")))
+    );
+}
+
 /// A burst of notifications goes out merged (a few messages, not two
 /// per notification), and every reader gets it back event by event, in
 /// order: the event log from any point, a live subscriber, the twin.
