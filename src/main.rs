@@ -3,6 +3,10 @@
 //! or config, 1 runtime failure.
 #![forbid(unsafe_code)]
 
+/// See Cargo.toml: cross-thread frees without a lock.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;

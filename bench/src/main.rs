@@ -61,6 +61,10 @@ mod spread;
 mod storm;
 mod twin;
 
+/// The gateway binary's allocator (bench/Cargo.toml says why).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
