@@ -513,6 +513,16 @@ impl Device {
         self.sock.set_nonblocking(true)
     }
 
+    /// [`Device::pump`] once on a blocking device, which stays blocking:
+    /// answers the Pings and requests that arrived meanwhile. `None` if
+    /// the socket mode cannot be switched.
+    pub fn pump_once(&mut self) -> Option<Pumped> {
+        self.sock.set_nonblocking(true).ok()?;
+        let pumped = self.pump();
+        self.sock.set_nonblocking(false).ok()?;
+        Some(pumped)
+    }
+
     /// Non-blocking: reads what arrived, answers Pings, reports a close.
     pub fn service(&mut self) -> Serviced {
         let mut seen = Serviced::default();

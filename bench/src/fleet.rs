@@ -24,6 +24,9 @@ const LOCAL_ENDPOINTS_WAIT: Duration = Duration::from_secs(2);
 /// How long a twin device waits for the gateway to observe all its
 /// resources after publishing them (spec §6.6).
 const TWIN_SYNC_WAIT: Duration = Duration::from_secs(10);
+/// How often a set-up thread answers its kept devices' Pings (the
+/// gateway pings after 10 s of silence and closes 8 s later by default).
+const KEEPALIVE_SWEEP: Duration = Duration::from_secs(1);
 
 /// What a device does after its sign-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,8 +116,20 @@ pub fn enroll(
             std::thread::spawn(move || {
                 let mut latency = StageHistograms::new();
                 let mut errors = Errors::default();
-                let mut done = Vec::with_capacity(share.len());
+                let mut done: Vec<(Registered, Option<Device>)> = Vec::with_capacity(share.len());
+                let mut last_sweep = Instant::now();
                 for identity in share {
+                    // The devices kept so far are idle while the rest
+                    // enroll: answer the gateway's keepalive Pings (it
+                    // closes a device that stays silent, spec §2.4), or a
+                    // fleet whose set-up outlasts the keepalive timeout
+                    // loses its first devices before the run begins.
+                    if last_sweep.elapsed() >= KEEPALIVE_SWEEP {
+                        last_sweep = Instant::now();
+                        for device in done.iter_mut().filter_map(|(_, d)| d.as_mut()) {
+                            let _ = device.pump_once();
+                        }
+                    }
                     if Instant::now() >= deadline
                         || interrupted.load(Ordering::Relaxed)
                         || failed.load(Ordering::Relaxed) >= max_failures
