@@ -173,7 +173,7 @@ const HUB_COUNTERS: [(&str, &str, ReadHub); 15] = [
     ),
     (
         "hub_nats_published",
-        "NATS hub: changes the broker acknowledged",
+        "NATS hub: messages the broker acknowledged (one message may hold several events of a device, merged by the outbox)",
         |s| s.nats_published.load(Ordering::Relaxed),
     ),
     (

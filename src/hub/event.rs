@@ -5,7 +5,9 @@
 use super::twin::{Content, Operation, Status, TwinState};
 use super::{AuthContext, Protocol};
 
-/// One event. `seq` orders all events of a hub, from 1.
+/// One event. `seq` orders all events of a hub: increasing from 1, not
+/// necessarily consecutive (the NATS hub numbers an event by its
+/// message's stream sequence and its place in that message).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
     pub seq: u64,

@@ -58,7 +58,8 @@ pub struct HubStats {
     /// The NATS hub: times a hub call found that queue full and waited
     /// (backpressure on the shard).
     pub nats_queue_full: AtomicU64,
-    /// The NATS hub: changes the broker acknowledged (JetStream acks).
+    /// The NATS hub: messages the broker acknowledged (JetStream acks; a
+    /// message may hold several merged events).
     pub nats_published: AtomicU64,
     /// The NATS hub: attempts that failed and were retried (broker
     /// unreachable or slow; the queue keeps them in order meanwhile).

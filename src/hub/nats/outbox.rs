@@ -3,8 +3,10 @@
 //! trip per notification on the shard).
 //!
 //! The shards enqueue ([`Outbox::push`], a channel send); one task takes
-//! what is queued, publishes runs of plain records with many publishes in
-//! flight and then awaits all their acks, and applies the few changes that
+//! what is queued, merges each run of plain records ([`Merge`]: a
+//! device's consecutive events of one kind in one message, a key's last
+//! value only), publishes the run with many publishes in flight and then
+//! awaits all their acks, and applies the few changes that
 //! need a compare-and-set (OFFLINE, command answers) one at a time in
 //! queue order. A failure is retried from the first change not
 //! acknowledged, after a backoff, for as long as the broker is away: the
