@@ -279,6 +279,7 @@ mod tests {
             peer_certificates: None,
             tls_version: None,
             cipher_suite: None,
+            tag: 0,
         }
     }
 

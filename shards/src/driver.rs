@@ -10,15 +10,21 @@
 //!
 //! The same driver serves plain TCP (`tls.enabled = false`) by passing bytes
 //! straight through, and it is what an in-memory transport drives.
+//!
+//! It also drives the client side of a connection ([`Driver::tls_client`]):
+//! the same pump over rustls's unbuffered client, so a load generator (the
+//! bench's device fleet) runs its devices on the same shards as the gateway
+//! runs its sessions.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use rustls::pki_types::CertificateDer;
-use rustls::server::UnbufferedServerConnection;
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
-use rustls::{CipherSuite, ProtocolVersion, ServerConfig};
+use rustls::{CipherSuite, ClientConfig, CommonState, ProtocolVersion, ServerConfig};
 
 use crate::message::ConnId;
 
@@ -37,6 +43,9 @@ pub struct ConnInfo<'a> {
     pub peer_certificates: Option<&'a [CertificateDer<'static>]>,
     pub tls_version: Option<ProtocolVersion>,
     pub cipher_suite: Option<CipherSuite>,
+    /// The tag the connection was opened with ([`Driver::tls_client`],
+    /// the runtime's `connect`); 0 for an accepted connection.
+    pub tag: u64,
 }
 
 /// Why a connection ended, as seen by the transport.
@@ -91,6 +100,11 @@ pub trait Connection: 'static {
 pub trait Service: 'static {
     type Conn: Connection;
     fn accept(&self, info: &ConnInfo<'_>, now: Instant) -> Self::Conn;
+    /// A connection this shard opened (the runtime's `connect`) ended
+    /// before its application existed: the TCP connect or the TLS
+    /// handshake failed, or the handshake timed out. `tag` is the one it
+    /// was opened with.
+    fn connect_failed(&self, _tag: u64, _now: Instant, _reason: &CloseReason) {}
 }
 
 /// Where a connection sits, for [`ConnInfo`].
@@ -112,14 +126,67 @@ impl Endpoint {
             peer_certificates: None,
             tls_version: None,
             cipher_suite: None,
+            tag: 0,
         }
+    }
+}
+
+/// The TLS side of a connection. The client side is boxed: it is the rare
+/// one (load generators), and the gateway's connections stay the size of
+/// a server connection (inline, as before: no extra allocation per
+/// gateway connection).
+#[allow(clippy::large_enum_variant)]
+enum Tls {
+    Server(UnbufferedServerConnection),
+    Client(Box<ClientTls>),
+}
+
+struct ClientTls {
+    conn: UnbufferedClientConnection,
+    tag: u64,
+}
+
+/// rustls's two unbuffered connections share one state machine but not one
+/// type: this lets one pump drive both.
+trait Records {
+    type Data;
+    fn records<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    fn common(&self) -> &CommonState;
+}
+
+impl Records for UnbufferedServerConnection {
+    type Data = ServerConnectionData;
+    fn records<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+    fn common(&self) -> &CommonState {
+        self
+    }
+}
+
+impl Records for UnbufferedClientConnection {
+    type Data = ClientConnectionData;
+    fn records<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+    fn common(&self) -> &CommonState {
+        self
     }
 }
 
 /// One connection's transport state. Kept small on purpose: buffers are
 /// empty `Vec`s (no heap) whenever nothing is incomplete or pending.
 pub struct Driver<C> {
-    tls: Option<UnbufferedServerConnection>,
+    tls: Option<Tls>,
     app: Option<C>,
     /// Bytes of an incomplete TLS record (TLS mode only).
     tls_tail: Vec<u8>,
@@ -138,7 +205,24 @@ impl<C: Connection> Driver<C> {
     /// A TLS connection; the application is created when the handshake ends.
     pub fn tls(config: Arc<ServerConfig>) -> Result<Self, rustls::Error> {
         Ok(Self {
-            tls: Some(UnbufferedServerConnection::new(config)?),
+            tls: Some(Tls::Server(UnbufferedServerConnection::new(config)?)),
+            ..Self::plain()
+        })
+    }
+
+    /// The client side of a TLS connection to `name`: [`Driver::start`]
+    /// sends the ClientHello; the application is created (with `tag` in
+    /// its [`ConnInfo`]) when the handshake ends.
+    pub fn tls_client(
+        config: Arc<ClientConfig>,
+        name: ServerName<'static>,
+        tag: u64,
+    ) -> Result<Self, rustls::Error> {
+        Ok(Self {
+            tls: Some(Tls::Client(Box::new(ClientTls {
+                conn: UnbufferedClientConnection::new(config, name)?,
+                tag,
+            }))),
             ..Self::plain()
         })
     }
@@ -175,13 +259,22 @@ impl<C: Connection> Driver<C> {
         self.app.as_ref()
     }
 
+    /// The tag of a client connection ([`Driver::tls_client`]).
+    pub fn client_tag(&self) -> Option<u64> {
+        match &self.tls {
+            Some(Tls::Client(c)) => Some(c.tag),
+            _ => None,
+        }
+    }
+
     /// Bytes held for incomplete records/frames (for memory accounting).
     pub fn buffered_bytes(&self) -> usize {
         self.tls_tail.capacity() + self.plain_tail.capacity()
     }
 
     /// Plain mode: create the application at once so that it can speak
-    /// first (the gateway's CSM, RFC 8323 §5.3).
+    /// first (the gateway's CSM, RFC 8323 §5.3). Client TLS: the
+    /// ClientHello.
     pub fn start<S: Service<Conn = C>>(
         &mut self,
         service: &S,
@@ -189,9 +282,18 @@ impl<C: Connection> Driver<C> {
         now: Instant,
         out: &mut Vec<u8>,
     ) {
-        if self.tls.is_none() && self.app.is_none() && self.closed.is_none() {
-            self.app = Some(service.accept(&at.info(), now));
-            self.flush_plain(now, out);
+        if self.app.is_some() || self.closed.is_some() {
+            return;
+        }
+        match self.tls {
+            None => {
+                self.app = Some(service.accept(&at.info(), now));
+                self.flush_plain(now, out);
+            }
+            Some(Tls::Client(_)) => {
+                self.pump(service, at, now, &mut [], out);
+            }
+            Some(Tls::Server(_)) => {}
         }
     }
 
@@ -319,14 +421,10 @@ impl<C: Connection> Driver<C> {
 
     /// Close from our side: TLS close_notify when possible, then done.
     fn close(&mut self, now: Instant, reason: CloseReason, out: &mut Vec<u8>) {
-        if let Some(tls) = self.tls.as_mut() {
-            if let Ok(ConnectionState::WriteTraffic(mut w)) = tls.process_tls_records(&mut []).state
-            {
-                let start = out.len();
-                out.resize(start + 64, 0);
-                let n = w.queue_close_notify(&mut out[start..]).unwrap_or(0);
-                out.truncate(start + n);
-            }
+        match self.tls.as_mut() {
+            Some(Tls::Server(tls)) => close_notify(tls, out),
+            Some(Tls::Client(c)) => close_notify(&mut c.conn, out),
+            None => {}
         }
         self.abort(now, reason);
     }
@@ -349,19 +447,41 @@ impl<C: Connection> Driver<C> {
         incoming: &mut [u8],
         out: &mut Vec<u8>,
     ) -> usize {
+        // Taken out while it runs, so the pump can borrow the rest of the
+        // driver (the application, the tails) alongside it.
+        let Some(mut tls) = self.tls.take() else {
+            return 0;
+        };
+        let used = match &mut tls {
+            Tls::Server(conn) => self.pump_with(conn, 0, service, at, now, incoming, out),
+            Tls::Client(c) => self.pump_with(&mut c.conn, c.tag, service, at, now, incoming, out),
+        };
+        self.tls = Some(tls);
+        used
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn pump_with<T: Records, S: Service<Conn = C>>(
+        &mut self,
+        tls: &mut T,
+        tag: u64,
+        service: &S,
+        at: Endpoint,
+        now: Instant,
+        incoming: &mut [u8],
+        out: &mut Vec<u8>,
+    ) -> usize {
         let mut used = 0;
         // Bounded: every iteration either consumes input, emits output, or
         // breaks; the bound only guards against a library bug spinning us.
         for _ in 0..10_000 {
-            let Some(tls) = self.tls.as_mut() else { break };
-            let UnbufferedStatus { discard, state } =
-                tls.process_tls_records(&mut incoming[used..]);
+            let UnbufferedStatus { discard, state } = tls.records(&mut incoming[used..]);
             let mut discard = discard;
             let state = match state {
                 Ok(state) => state,
                 Err(e) => {
                     used += discard;
-                    self.fail(now, e, out);
+                    self.fail(tls, now, e, out);
                     return used;
                 }
             };
@@ -383,7 +503,7 @@ impl<C: Connection> Driver<C> {
                             }
                             Err(e) => {
                                 used += discard;
-                                self.fail(now, e, out);
+                                self.fail(tls, now, e, out);
                                 return used;
                             }
                         }
@@ -424,10 +544,12 @@ impl<C: Connection> Driver<C> {
                     if self.app.is_none() {
                         // Handshake complete: the application starts here so
                         // that the client certificate is known (spec §3.3).
+                        let common = tls.common();
                         let info = ConnInfo {
-                            peer_certificates: tls.peer_certificates(),
-                            tls_version: tls.protocol_version(),
-                            cipher_suite: tls.negotiated_cipher_suite().map(|s| s.suite()),
+                            peer_certificates: common.peer_certificates(),
+                            tls_version: common.protocol_version(),
+                            cipher_suite: common.negotiated_cipher_suite().map(|s| s.suite()),
+                            tag,
                             ..at.info()
                         };
                         let app = self.app.insert(service.accept(&info, now));
@@ -473,18 +595,30 @@ impl<C: Connection> Driver<C> {
     }
 
     /// A TLS error: rustls queued an alert for the peer; send it and close.
-    fn fail(&mut self, now: Instant, error: rustls::Error, out: &mut Vec<u8>) {
-        if let Some(tls) = self.tls.as_mut() {
-            if let Ok(ConnectionState::EncodeTlsData(mut encode)) =
-                tls.process_tls_records(&mut []).state
-            {
-                let start = out.len();
-                out.resize(start + 256, 0);
-                let n = encode.encode(&mut out[start..]).unwrap_or(0);
-                out.truncate(start + n);
-            }
+    fn fail<T: Records>(
+        &mut self,
+        tls: &mut T,
+        now: Instant,
+        error: rustls::Error,
+        out: &mut Vec<u8>,
+    ) {
+        if let Ok(ConnectionState::EncodeTlsData(mut encode)) = tls.records(&mut []).state {
+            let start = out.len();
+            out.resize(start + 256, 0);
+            let n = encode.encode(&mut out[start..]).unwrap_or(0);
+            out.truncate(start + n);
         }
         self.abort(now, CloseReason::Tls(error.to_string()));
+    }
+}
+
+/// Queues a close_notify when the connection can still write.
+fn close_notify<T: Records>(tls: &mut T, out: &mut Vec<u8>) {
+    if let Ok(ConnectionState::WriteTraffic(mut w)) = tls.records(&mut []).state {
+        let start = out.len();
+        out.resize(start + 64, 0);
+        let n = w.queue_close_notify(&mut out[start..]).unwrap_or(0);
+        out.truncate(start + n);
     }
 }
 

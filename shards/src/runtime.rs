@@ -23,6 +23,12 @@
 //! take them in one wake-up instead of one per response, and cost no
 //! allocation per response; bytes a socket does not take are kept in the
 //! connection's slot and sent by its own task when the socket is writable.
+//!
+//! The same shards run the client side ([`Runtime::start_client`]): no
+//! listener; connections are opened on a chosen shard with
+//! [`Runtime::connect`] and then live exactly as accepted ones do (slot,
+//! task, timers, batched writes, messages). The bench's device fleet runs on
+//! it.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
@@ -40,7 +46,8 @@ use std::time::{Duration, Instant};
 use futures_lite::io::{AsyncRead, AsyncWrite};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
-use rustls::ServerConfig;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ServerConfig};
 use slab::Slab;
 
 use crate::driver::{CloseReason, Connection, Driver, Endpoint, Service};
@@ -134,6 +141,18 @@ pub struct ShardStats {
     pub messages_rejected_full: AtomicU64,
 }
 
+/// A connection for a client runtime to open ([`Runtime::connect`]).
+pub struct Connect {
+    pub addr: SocketAddr,
+    /// TLS to the server `name` (the client's certificate, if any, is in
+    /// the config).
+    pub tls: Arc<ClientConfig>,
+    pub name: ServerName<'static>,
+    /// Handed to the application in [`crate::ConnInfo::tag`], and to
+    /// [`Service::connect_failed`] when it never got one.
+    pub tag: u64,
+}
+
 /// A running set of shards whose connections take messages of type `M`
 /// (their [`Connection::Message`]).
 pub struct Runtime<M> {
@@ -142,6 +161,8 @@ pub struct Runtime<M> {
     shutdown: Arc<AtomicBool>,
     handles: Vec<std::thread::JoinHandle<()>>,
     sender: ShardSender<M>,
+    /// Per shard, its queue of connections to open (client runtimes only).
+    connects: Vec<flume::Sender<Connect>>,
 }
 
 impl<M: Send + 'static> Runtime<M> {
@@ -153,13 +174,54 @@ impl<M: Send + 'static> Runtime<M> {
         S::Conn: Connection<Message = M>,
         F: Fn(usize) -> S + Send + Sync + 'static,
     {
-        system::raise_memlock_limit();
-        let shards = if config.shards == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            config.shards
-        };
+        let shards = shard_count(&config);
         let (sockets, local_addr) = bind_listeners(config.address, shards)?;
+        Self::spawn(
+            config,
+            sockets.into_iter().map(Some).collect(),
+            local_addr,
+            false,
+            make_service,
+        )
+    }
+
+    /// Starts the shards of a client: no listener (`address` and `tls` of
+    /// the config are not used); [`Runtime::connect`] opens connections.
+    /// Shutdown, timers, messages and stats work as on a server.
+    pub fn start_client<S, F>(
+        config: RuntimeConfig,
+        make_service: F,
+    ) -> Result<Runtime<M>, StartError>
+    where
+        S: Service,
+        S::Conn: Connection<Message = M>,
+        F: Fn(usize) -> S + Send + Sync + 'static,
+    {
+        let shards = shard_count(&config);
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+        Self::spawn(
+            config,
+            (0..shards).map(|_| None).collect(),
+            unspecified,
+            true,
+            make_service,
+        )
+    }
+
+    fn spawn<S, F>(
+        config: RuntimeConfig,
+        sockets: Vec<Option<socket2::Socket>>,
+        local_addr: SocketAddr,
+        client: bool,
+        make_service: F,
+    ) -> Result<Runtime<M>, StartError>
+    where
+        S: Service,
+        S::Conn: Connection<Message = M>,
+        F: Fn(usize) -> S + Send + Sync + 'static,
+    {
+        system::raise_memlock_limit();
+        let shards = sockets.len();
         let stats: Vec<Arc<ShardStats>> = (0..shards)
             .map(|_| Arc::new(ShardStats::default()))
             .collect();
@@ -171,6 +233,13 @@ impl<M: Send + 'static> Runtime<M> {
             })
             .unzip();
         let sender = ShardSender::new(inboxes);
+        let (connects, connect_rxs): (Vec<_>, Vec<_>) = (0..shards)
+            .map(|_| {
+                let (tx, rx) = flume::unbounded::<Connect>();
+                (tx, client.then_some(rx))
+            })
+            .unzip();
+        let connects = if client { connects } else { Vec::new() };
         let shutdown = config.shutdown.clone();
         let total = Arc::new(AtomicUsize::new(0));
         let make_service = Arc::new(make_service);
@@ -181,7 +250,12 @@ impl<M: Send + 'static> Runtime<M> {
 
         let mut handles = Vec::with_capacity(shards);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-        for (index, (socket, inbox)) in sockets.into_iter().zip(receivers).enumerate() {
+        for (index, ((socket, inbox), connect_rx)) in sockets
+            .into_iter()
+            .zip(receivers)
+            .zip(connect_rxs)
+            .enumerate()
+        {
             let shared = SharedState {
                 config: config.clone(),
                 stats: stats[index].clone(),
@@ -199,7 +273,7 @@ impl<M: Send + 'static> Runtime<M> {
             let spawned = builder.spawn(move || async move {
                 let _ = ready.send(Ok(()));
                 let service = make_service(index);
-                run_shard(index, socket, service, shared, inbox).await;
+                run_shard(index, socket, connect_rx, service, shared, inbox).await;
             });
             let failed = ready_tx.clone();
             match spawned {
@@ -245,7 +319,25 @@ impl<M: Send + 'static> Runtime<M> {
             shutdown,
             handles,
             sender,
+            connects,
         })
+    }
+
+    /// Opens a connection on `shard` (client runtimes, [`Runtime::start_client`]).
+    /// The shard connects, handshakes, and creates the application with
+    /// [`Service::accept`] once the handshake is done; a failure before
+    /// that goes to [`Service::connect_failed`]. Gives the request back
+    /// when this is not a client runtime or the shard has stopped.
+    pub fn connect(&self, shard: usize, request: Connect) -> Result<(), Connect> {
+        match self.connects.get(shard % self.connects.len().max(1)) {
+            Some(tx) => tx.send(request).map_err(|e| e.into_inner()),
+            None => Err(request),
+        }
+    }
+
+    /// Number of shards.
+    pub fn shards(&self) -> usize {
+        self.stats.len()
     }
 
     /// Sends messages to connections (by [`ConnId`]) from any thread.
@@ -278,6 +370,14 @@ impl<M: Send + 'static> Runtime<M> {
         for handle in self.handles {
             let _ = handle.join();
         }
+    }
+}
+
+fn shard_count(config: &RuntimeConfig) -> usize {
+    if config.shards == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        config.shards
     }
 }
 
@@ -414,14 +514,15 @@ const MESSAGE_BUDGET: usize = 256;
 
 async fn run_shard<S: Service>(
     index: usize,
-    socket: socket2::Socket,
+    socket: Option<socket2::Socket>,
+    connects: Option<flume::Receiver<Connect>>,
     service: S,
     shared: SharedState,
     inbox: flume::Receiver<Envelope<MessageOf<S>>>,
 ) {
     // SAFETY: the fd comes from a socket we own and just bound/listened;
     // ownership moves into the glommio listener.
-    let listener = unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) };
+    let listener = socket.map(|socket| unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) });
     let tick = shared.config.tick;
     let shard = Rc::new(Shard {
         index,
@@ -443,7 +544,9 @@ async fn run_shard<S: Service>(
     })
     .detach();
 
-    let acceptor = glommio::spawn_local(accept_loop(shard.clone(), listener)).detach();
+    let acceptor = listener.map(|l| glommio::spawn_local(accept_loop(shard.clone(), l)).detach());
+    let connector =
+        connects.map(|rx| glommio::spawn_local(connect_loop(shard.clone(), rx)).detach());
     // The receive task ends when the shard stops (the stop channel's sender
     // is dropped), so the inbox is dropped and senders see `Stopped`.
     let (stop_messages, stopped) = flume::bounded::<()>(1);
@@ -463,7 +566,12 @@ async fn run_shard<S: Service>(
         fire_timers(&shard, now);
         if drain_started.is_none() && shard.shared.shutdown.load(Ordering::SeqCst) {
             drain_started = Some(now);
-            acceptor.cancel();
+            if let Some(a) = acceptor.as_ref() {
+                a.cancel();
+            }
+            if let Some(c) = connector.as_ref() {
+                c.cancel();
+            }
             shard.draining.set(true);
             let slots = shard.slots.borrow();
             for (_, slot) in slots.iter() {
@@ -749,48 +857,122 @@ async fn accept_loop<S: Service>(shard: Rc<Shard<S>>, listener: TcpListener) {
             },
             None => Driver::plain(),
         };
-        let now = Instant::now();
         let handshake_deadline = shared
             .config
             .tls
             .as_ref()
-            .map(|_| now + shared.config.handshake_timeout);
-        let generation = shard.next_generation.get();
-        shard.next_generation.set(generation.wrapping_add(1));
-        let mut slots = shard.slots.borrow_mut();
-        let entry = slots.vacant_entry();
-        let key = entry.key();
-        let endpoint = Endpoint {
+            .map(|_| Instant::now() + shared.config.handshake_timeout);
+        adopt(
+            &shard,
+            stream,
             peer_addr,
             local_addr,
-            id: ConnId {
-                shard: shard.index as u32,
-                slot: key as u32,
-                generation,
-            },
-        };
-        entry.insert(Box::new(Slot {
-            stream,
             driver,
-            endpoint,
-            pending_tx: Vec::new(),
-            queued: false,
-            registered: None,
             handshake_deadline,
-            linger_deadline: None,
-            timer_fired: false,
-            shutdown_seen: false,
-            waker: None,
-        }));
-        drop(slots);
-        shared.stats.active.fetch_add(1, Ordering::Relaxed);
-        glommio::spawn_local(ConnTask {
-            shard: shard.clone(),
-            key,
-            started: false,
-        })
-        .detach();
+        );
     }
+}
+
+/// Gives a connected socket its slot and its task (accepted or opened).
+fn adopt<S: Service>(
+    shard: &Rc<Shard<S>>,
+    stream: TcpStream,
+    peer_addr: SocketAddr,
+    local_addr: SocketAddr,
+    driver: Driver<S::Conn>,
+    handshake_deadline: Option<Instant>,
+) {
+    let generation = shard.next_generation.get();
+    shard.next_generation.set(generation.wrapping_add(1));
+    let mut slots = shard.slots.borrow_mut();
+    let entry = slots.vacant_entry();
+    let key = entry.key();
+    let endpoint = Endpoint {
+        peer_addr,
+        local_addr,
+        id: ConnId {
+            shard: shard.index as u32,
+            slot: key as u32,
+            generation,
+        },
+    };
+    entry.insert(Box::new(Slot {
+        stream,
+        driver,
+        endpoint,
+        pending_tx: Vec::new(),
+        queued: false,
+        registered: None,
+        handshake_deadline,
+        linger_deadline: None,
+        timer_fired: false,
+        shutdown_seen: false,
+        waker: None,
+    }));
+    drop(slots);
+    shard.shared.stats.active.fetch_add(1, Ordering::Relaxed);
+    glommio::spawn_local(ConnTask {
+        shard: shard.clone(),
+        key,
+        started: false,
+    })
+    .detach();
+}
+
+/// A client shard's connector: opens each requested connection in a task
+/// of its own (connects wait on the network, not on each other).
+async fn connect_loop<S: Service>(shard: Rc<Shard<S>>, requests: flume::Receiver<Connect>) {
+    while let Ok(request) = requests.recv_async().await {
+        glommio::spawn_local(open(shard.clone(), request)).detach();
+    }
+}
+
+async fn open<S: Service>(shard: Rc<Shard<S>>, request: Connect) {
+    let Connect {
+        addr,
+        tls,
+        name,
+        tag,
+    } = request;
+    let shared = &shard.shared;
+    let failed = |reason: CloseReason| {
+        shard.service.connect_failed(tag, Instant::now(), &reason);
+    };
+    let max = shared.config.max_connections;
+    let total = shared.total.fetch_add(1, Ordering::SeqCst) + 1;
+    if max != 0 && total > max {
+        shared.total.fetch_sub(1, Ordering::SeqCst);
+        shared
+            .stats
+            .rejected_max_connections
+            .fetch_add(1, Ordering::Relaxed);
+        failed(CloseReason::Io(format!("max_connections ({max}) reached")));
+        return;
+    }
+    let connected = TcpStream::connect(addr).await.and_then(|stream| {
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr()?;
+        Ok((stream, local))
+    });
+    let (stream, local_addr) = match connected {
+        Ok(c) => c,
+        Err(e) => {
+            shared.total.fetch_sub(1, Ordering::SeqCst);
+            failed(CloseReason::Io(e.to_string()));
+            return;
+        }
+    };
+    let driver = match Driver::tls_client(tls, name, tag) {
+        Ok(d) => d,
+        Err(e) => {
+            shared.total.fetch_sub(1, Ordering::SeqCst);
+            failed(CloseReason::Tls(e.to_string()));
+            return;
+        }
+    };
+    shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+    let deadline = Instant::now() + shared.config.handshake_timeout;
+    adopt(&shard, stream, addr, local_addr, driver, Some(deadline));
 }
 
 /// The task of one connection: just the slab key; all state is in the slot.
@@ -940,6 +1122,13 @@ impl<S: Service> Future for ConnTask<S> {
             }
             let removed = slots.remove(this.key);
             drop(slots);
+            if let (None, Some(tag), Some(reason)) = (
+                removed.driver.app(),
+                removed.driver.client_tag(),
+                removed.driver.closed(),
+            ) {
+                shard.service.connect_failed(tag, now, reason);
+            }
             // Orderly close: shutdown(Write) sends FIN after the queued bytes.
             let fd_stream = removed.stream;
             let _ = fd_stream_shutdown(&fd_stream);
