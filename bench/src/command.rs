@@ -20,7 +20,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::http::Http;
-use crate::live::{Drivers, SendPlan};
+use crate::live::SendPlan;
 use crate::load::{self, Percentiles};
 use crate::notify::{twin_fleet, HubCounts};
 use crate::{check_health, procfs, round, Cli, Context, Failure};
@@ -258,14 +258,12 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
     let mut tf = twin_fleet(cli, ctx, open_files, n, 1, 0)?;
     let pid = tf.target.pid;
     let gw_cpu = || pid.and_then(|p| procfs::process_cpu_ticks(p).ok());
-    let devices = std::mem::take(&mut tf.devices);
-    let held = devices.len();
-    let ids: Arc<Vec<String>> = Arc::new(
-        devices
-            .iter()
-            .filter_map(|d| d.twin.as_ref().map(|t| t.device_id().to_owned()))
-            .collect(),
-    );
+    let devices = tf
+        .devices
+        .take()
+        .ok_or_else(|| Failure::Runtime("no twin fleet".into()))?;
+    let held = devices.held();
+    let ids: Arc<Vec<String>> = Arc::new(devices.device_ids());
     let deadline = Instant::now() + limit + Duration::from_secs(60);
     let plan = SendPlan {
         rate: None,
@@ -273,8 +271,8 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
         window: u64::MAX,
     };
     // Devices only answer: `sending` stays down.
-    let drivers = Drivers::start(devices, device_threads, plan, deadline, &ctx.interrupted);
-    let shared = drivers.shared.clone();
+    let drivers = devices.drive(device_threads, plan, deadline, &ctx.interrupted);
+    let shared = drivers.shared();
 
     let warm = (requests / 10).clamp(50, 500);
     let to = Commands {
@@ -314,12 +312,7 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
     let still_open = devices.len();
     let mut seen = Vec::new();
     for d in &devices {
-        if let Some(t) = &d.twin {
-            seen.extend_from_slice(&t.update_values);
-        }
-    }
-    for d in devices {
-        d.close();
+        seen.extend_from_slice(&d.update_values);
     }
     let health = tf.target.spawned.as_mut().map(|g| g.health());
 
@@ -337,7 +330,8 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
     let met = (p.count > 0).then_some(p.p99 < COMMAND_P99_GOAL_US);
 
     println!(
-        "command: {requests} PUTs to random devices of {held}, {clients} client(s) with one request each in flight, {device_threads} device thread(s)"
+        "command: {requests} PUTs to random devices of {held}, {clients} client(s) with one request each in flight, {device_threads} device {} thread(s)",
+        cli.engine.name()
     );
     println!(
         "  {} ok, {} failed ({} transport, {} wrong answer, HTTP {:?}) in {wall_s:.2} s ({throughput:.0}/s)",
@@ -391,6 +385,7 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
     let opt = |x: Option<f64>, p: i32| x.map(|v| round(v, p));
     Ok(json!({
         "scenario": "command",
+        "engine": cli.engine.name(),
         "devices": held,
         "requests": requests,
         "concurrency": clients,

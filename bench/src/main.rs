@@ -39,6 +39,7 @@ mod baseline;
 mod certcache;
 mod command;
 mod device;
+mod engine;
 mod fleet;
 mod gateway;
 mod http;
@@ -56,6 +57,7 @@ mod progress;
 mod raw;
 mod report;
 mod seq;
+mod sharded;
 mod signin;
 mod spread;
 mod storm;
@@ -216,10 +218,16 @@ struct Cli {
     /// its authority (key file, issuer); COAP_GATEWAY__… variables apply.
     #[arg(long, requires = "gateway")]
     gateway_config: Option<PathBuf>,
-    /// Client threads (default 4; notify, command: device threads,
-    /// default 1).
+    /// Client threads (default 4; notify, command: client shards or
+    /// device threads of --engine, default 1).
     #[arg(long)]
     threads: Option<usize>,
+    /// notify, command: what runs the devices: `shards` (the shards
+    /// runtime's client side: set-up and traffic on --threads io_uring
+    /// shards) or `threads` (blocking set-up threads, then --threads mio
+    /// poll loops: the first fleet, for comparison).
+    #[arg(long, value_enum, default_value_t = engine::Engine::Shards)]
+    engine: engine::Engine,
     /// With --gateway: directory with the CA (ca.pem, ca-key.pem) that
     /// issues the device certificate.
     #[arg(long, requires = "gateway")]

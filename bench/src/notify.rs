@@ -19,10 +19,12 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
 use crate::device::Device;
+use crate::engine::{self, Engine};
 use crate::http::{self, Http, SseStream};
-use crate::live::{self, Drivers, SendPlan, Shared};
+use crate::live::{self, SendPlan, Shared};
 use crate::load::{self, Percentiles};
 use crate::seq::{SeqReport, SeqTracker};
+use crate::sharded::ShardFleet;
 use crate::{
     check_health, fleet, ocf, procfs, round, setup_report, sleep_unless, Cli, Context, Failure,
     Target,
@@ -38,7 +40,8 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(20);
 /// Connected twin devices and what the scenarios need around them.
 pub struct TwinFleet {
     pub target: Target,
-    pub devices: Vec<Device>,
+    /// Taken by the scenario to drive it.
+    pub devices: Option<engine::Fleet>,
     /// The gateway's HTTP API.
     pub api: SocketAddr,
     /// A bearer token of the devices' owner.
@@ -93,35 +96,55 @@ pub fn twin_fleet(
             sampled.push(identity.id.clone());
         }
     }
-    let (enrolled, cpu) = crate::enroll_measured(
-        ctx,
-        &target,
-        identities,
-        &authority,
-        Duration::from_millis(20),
-        fleet::Keep::Twin(resources),
-        &gw_cpu,
-    );
-    let setup = setup_report(
-        &enrolled.load,
-        devices,
-        cpu,
-        identities_s,
-        "connect, CSM, sign-up, sign-in, publish, observations registered (spec §6.6); kept open",
-    );
-    let devices: Vec<Device> = enrolled
-        .groups
-        .into_iter()
-        .flatten()
-        .filter_map(|(_, d)| d)
-        .collect();
-    if devices.is_empty() {
+    let what =
+        "connect, CSM, sign-up, sign-in, publish, observations registered (spec §6.6); kept open";
+    let fleet = match cli.engine {
+        Engine::Threads => {
+            let (enrolled, cpu) = crate::enroll_measured(
+                ctx,
+                &target,
+                identities,
+                &authority,
+                Duration::from_millis(20),
+                fleet::Keep::Twin(resources),
+                &gw_cpu,
+            );
+            let setup = setup_report(&enrolled.load, devices, cpu, identities_s, what);
+            let devices: Vec<Device> = enrolled
+                .groups
+                .into_iter()
+                .flatten()
+                .filter_map(|(_, d)| d)
+                .collect();
+            (engine::Fleet::Threads(devices), setup)
+        }
+        Engine::Shards => {
+            let before = gw_cpu();
+            let n = identities.len() as u32;
+            let (fleet, load) = ShardFleet::start(
+                target.addr,
+                identities,
+                &authority,
+                resources,
+                cli.threads.unwrap_or(1).max(1),
+                Instant::now() + Duration::from_secs(60) + Duration::from_millis(20) * n,
+                &ctx.interrupted,
+            )?;
+            let cpu = before
+                .zip(gw_cpu())
+                .map(|(a, b)| ctx.ticks_to_s(b.since(a).total()));
+            let setup = setup_report(&load, devices, cpu, identities_s, what);
+            (engine::Fleet::Shards(fleet), setup)
+        }
+    };
+    let (devices, setup) = fleet;
+    if devices.held() == 0 {
         return Err(Failure::Runtime("no twin device could be set up".into()));
     }
     Ok(TwinFleet {
         api: config.api.address,
         target,
-        devices,
+        devices: Some(devices),
         bearer,
         sampled,
         sample_bearer,
@@ -346,13 +369,16 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
     let mut tf = twin_fleet(cli, ctx, open_files, n, resources, sample_n)?;
     let pid = tf.target.pid;
     let gw_cpu = || pid.and_then(|p| procfs::process_cpu_ticks(p).ok());
-    let devices = std::mem::take(&mut tf.devices);
-    let held = devices.len();
+    let devices = tf
+        .devices
+        .take()
+        .ok_or_else(|| Failure::Runtime("no twin fleet".into()))?;
+    let held = devices.held();
     // The sampled devices that are connected are followed on the event
     // stream.
     let sample_ids: Vec<String> = devices
-        .iter()
-        .filter_map(|d| d.twin.as_ref().map(|t| t.device_id().to_owned()))
+        .device_ids()
+        .into_iter()
         .filter(|id| tf.sampled.contains(id))
         .collect();
 
@@ -367,26 +393,17 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
         window.clone(),
         run_deadline,
     )?;
-    let drivers = Drivers::start(
-        devices,
-        client_threads,
-        plan,
-        run_deadline,
-        &ctx.interrupted,
-    );
-    let shared = drivers.shared.clone();
+    let drivers = devices.drive(client_threads, plan, run_deadline, &ctx.interrupted);
+    let shared = drivers.shared();
     let monitor = Monitor::start(tf.api, shared.clone(), base.notifications, run_deadline);
 
     // Warm-up: a second of sending, not measured; then the hub catches up.
     let warm = duration
         .mul_f64(0.2)
         .clamp(Duration::from_millis(500), Duration::from_secs(2));
-    shared
-        .phase_start_ns
-        .store(live::unix_ns(), Ordering::Release);
-    shared.sending.store(true, Ordering::Release);
+    drivers.start_sending(live::unix_ns());
     sleep_unless(warm, &ctx.interrupted);
-    shared.sending.store(false, Ordering::Release);
+    drivers.stop_sending();
     let warm_drained = drain(&shared, DRAIN_LIMIT, &ctx.interrupted);
     let warm_sent = shared.sent.load(Ordering::Relaxed);
     println!(
@@ -403,10 +420,9 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
     let started = Instant::now();
     let start_ns = live::unix_ns();
     window.from.store(start_ns, Ordering::Relaxed);
-    shared.phase_start_ns.store(start_ns, Ordering::Release);
-    shared.sending.store(true, Ordering::Release);
+    drivers.start_sending(start_ns);
     sleep_unless(duration, &ctx.interrupted);
-    shared.sending.store(false, Ordering::Release);
+    drivers.stop_sending();
     window.until.store(live::unix_ns(), Ordering::Relaxed);
     let sending_s = started.elapsed().as_secs_f64();
     let drained = drain(&shared, DRAIN_LIMIT, &ctx.interrupted);
@@ -426,12 +442,8 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
     let still_open = devices.len();
     let sent_by: HashMap<String, u64> = devices
         .iter()
-        .filter_map(|d| d.twin.as_ref())
-        .map(|t| (t.device_id().to_owned(), t.sent))
+        .map(|s| (s.device_id.clone(), s.sent))
         .collect();
-    for d in devices {
-        d.close();
-    }
     let health = tf.target.spawned.as_mut().map(|g| g.health());
 
     let d = after.since(&before);
@@ -466,10 +478,11 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
         .unwrap_or_else(|| Percentiles::of(&load::histogram()));
 
     println!(
-        "notify: {held} devices × {resources} resource(s), {} for {sending_s:.2} s ({}), {client_threads} client thread(s)",
+        "notify: {held} devices × {resources} resource(s), {} for {sending_s:.2} s ({}), {client_threads} client {} thread(s)",
         plan.rate
             .map_or("as fast as possible".to_owned(), |r| format!("{r:.0}/s offered")),
-        format_args!("≤ {} per write, window {}", plan.per_write, plan.window)
+        format_args!("≤ {} per write, window {}", plan.per_write, plan.window),
+        cli.engine.name()
     );
     println!(
         "  sent {sent}; hub counted {} notifications, {} twin updates in {wall_s:.2} s ({throughput:.0}/s); drained: {drained}",
@@ -525,6 +538,7 @@ pub fn scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fail
     let opt = |x: Option<f64>, p: i32| x.map(|v| round(v, p));
     Ok(json!({
         "scenario": "notify",
+        "engine": cli.engine.name(),
         "devices": held,
         "resources_per_device": resources,
         "duration_s": round(wall_s, 3),

@@ -100,6 +100,9 @@ fn notify_50_devices_nothing_lost_or_duplicated() {
     let r = run(&["notify", "--duration", "2s", "--rate", "2000"]);
     assert_well_formed(&r, "notify");
     let v = &r.report;
+    // The fleet runs on the shards runtime's client side by default.
+    assert_eq!(v["engine"], "shards", "{v}");
+    assert_eq!(v["devices"], 50, "{v}");
     assert_eq!(v["lost"], 0, "{v}");
     assert_eq!(v["duplicated"], 0, "{v}");
     assert!(v["hub"]["notifications"].as_u64().unwrap_or(0) > 0, "{v}");

@@ -36,3 +36,31 @@ fn command_answers_every_put_exactly_once() {
     assert_eq!(r["exactly_once"]["exactly_once"], 20, "{r}");
     assert_eq!(r["outcomes"]["ok"], 20, "{r}");
 }
+
+#[test]
+fn the_thread_engine_still_drives_notify_and_command() {
+    let r = run(&[
+        "notify",
+        "--spawn",
+        "--devices",
+        "5",
+        "--duration",
+        "1s",
+        "--engine",
+        "threads",
+    ]);
+    assert_eq!(r["engine"], "threads", "{r}");
+    assert_eq!(r["hub"]["lost_or_uncounted"], 0, "{r}");
+    assert!(r["hub"]["notifications"].as_u64().unwrap_or(0) > 0, "{r}");
+    let r = run(&[
+        "command",
+        "--spawn",
+        "--devices",
+        "5",
+        "--requests",
+        "20",
+        "--engine",
+        "threads",
+    ]);
+    assert_eq!(r["exactly_once"]["exactly_once"], 20, "{r}");
+}

@@ -246,7 +246,7 @@ impl<M: Send + 'static> Runtime<M> {
         // Shard threads (and the helper threads glommio spawns for them)
         // inherit this mask; it is restored when `start` returns.
         let _mask = system::SignalMask::block_termination_signals();
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpus = allowed_cpus();
 
         let mut handles = Vec::with_capacity(shards);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -264,7 +264,7 @@ impl<M: Send + 'static> Runtime<M> {
             };
             let make_service = make_service.clone();
             let ready = ready_tx.clone();
-            let builder = LocalExecutorBuilder::new(Placement::Fixed(index % cpus))
+            let builder = LocalExecutorBuilder::new(Placement::Fixed(cpus[index % cpus.len()]))
                 .name(&format!("shard-{index}"))
                 // Socket reads go into our own buffers; this memory only
                 // serves file IO, and pinning less keeps us under memlock
@@ -370,6 +370,31 @@ impl<M: Send + 'static> Runtime<M> {
         for handle in self.handles {
             let _ = handle.join();
         }
+    }
+}
+
+/// The CPUs this process may run on (its affinity mask: `taskset`,
+/// cgroup cpusets), in order. Shard `i` is pinned to the `i`-th of them, so
+/// a gateway or a load generator started under `taskset -c 1` keeps its
+/// shards on CPU 1 instead of pinning them back onto CPU 0.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: `set` is a plain bit set that sched_getaffinity fills for the
+    // calling thread (pid 0); its size is passed.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    let cpus: Vec<usize> = if rc == 0 {
+        (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: `cpu` < CPU_SETSIZE, inside `set`.
+            .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if cpus.is_empty() {
+        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
+    } else {
+        cpus
     }
 }
 
@@ -1206,6 +1231,26 @@ fn fd_stream_shutdown(stream: &TcpStream) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Shards follow the affinity mask they start under (`taskset`).
+    #[test]
+    fn shards_are_placed_on_the_cpus_the_process_may_use() {
+        let all = allowed_cpus();
+        assert!(!all.is_empty());
+        let last = *all.last().unwrap();
+        let seen = std::thread::spawn(move || {
+            // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
+            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            unsafe { libc::CPU_SET(last, &mut set) };
+            let rc =
+                unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+            assert_eq!(rc, 0);
+            allowed_cpus()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(seen, vec![last]);
+    }
 
     /// An idle connection's task stays three words: messages reach it
     /// through the shard's one channel, not a channel of its own
