@@ -141,6 +141,45 @@ struct Sending {
     next_resource: usize,
 }
 
+impl Sending {
+    /// Notifications due at `now`, at most `per_write`: in rate mode those
+    /// of the device's schedule not sent yet (a device that fell behind
+    /// catches up `per_write` at a time); at full speed `per_write`.
+    fn owed(&self, now: Instant) -> u64 {
+        if now < self.next_at {
+            return 0;
+        }
+        let per_write = self.plan.per_write as u64;
+        match self.interval {
+            Some(interval) => {
+                let due = (now.saturating_duration_since(self.first).as_nanos()
+                    / interval.as_nanos().max(1)) as u64
+                    + 1;
+                due.saturating_sub(self.sent_in_phase).min(per_write)
+            }
+            None => per_write,
+        }
+    }
+
+    /// Counts `wrote` of the `owed` notifications and sets the next
+    /// instant to act: the next on the schedule, or the next tick when the
+    /// window held some back or the device is behind.
+    fn advance(&mut self, now: Instant, wrote: u64, owed: u64) {
+        self.sent_in_phase += wrote;
+        self.next_at = match self.interval {
+            Some(interval) => {
+                let next = self.first + interval.mul_f64(self.sent_in_phase as f64);
+                if wrote < owed || next <= now {
+                    now + TICK
+                } else {
+                    next
+                }
+            }
+            None => now + TICK,
+        };
+    }
+}
+
 impl FleetDevice {
     fn token(&mut self) -> [u8; 8] {
         self.next_token += 1;
@@ -243,16 +282,7 @@ impl FleetDevice {
         if now < s.next_at {
             return;
         }
-        let owed = match s.interval {
-            Some(interval) => {
-                let due = (now.saturating_duration_since(s.first).as_nanos()
-                    / interval.as_nanos().max(1)) as u64
-                    + 1;
-                due.saturating_sub(s.sent_in_phase)
-                    .min(s.plan.per_write as u64)
-            }
-            None => s.plan.per_write as u64,
-        };
+        let owed = s.owed(now);
         // The window as the thread driver keeps it (`live.rs`).
         let ahead = live
             .sent
@@ -277,20 +307,8 @@ impl FleetDevice {
         }
         if wrote > 0 {
             live.sent.fetch_add(wrote, Ordering::Relaxed);
-            s.sent_in_phase += wrote;
         }
-        s.next_at = match s.interval {
-            Some(interval) => {
-                let next = s.first + interval.mul_f64(s.sent_in_phase as f64);
-                // Window-blocked or behind: look again at the next tick.
-                if wrote < owed || next <= now {
-                    now + TICK
-                } else {
-                    next
-                }
-            }
-            None => now + TICK,
-        };
+        s.advance(now, wrote, owed);
         self.sending = Some(s);
     }
 }
@@ -542,6 +560,9 @@ impl ShardFleet {
         config.shards = shards.max(1);
         config.tick = TICK;
         config.handshake_timeout = SETUP_TIMEOUT;
+        // Not pinned: the spawned gateway pins its shard 0 to the first
+        // CPU; `taskset -c 1` keeps the bench off it (perf/README.md).
+        config.pin = false;
         let for_shards = fleet.clone();
         let runtime = Runtime::start_client(config, move |_| FleetService {
             fleet: for_shards.clone(),
@@ -679,5 +700,79 @@ impl ShardFleet {
             .collect();
         out.retain(|s| s.in_sync);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sending(rate: Option<f64>, per_write: usize, first: Instant) -> Sending {
+        Sending {
+            plan: SendPlan {
+                rate,
+                per_write,
+                window: 1000,
+            },
+            // 100 devices at 1,000/s: every 100 ms each.
+            interval: rate.map(|r| Duration::from_secs_f64(100.0 / r)),
+            first,
+            sent_in_phase: 0,
+            next_at: first,
+            next_resource: 0,
+        }
+    }
+
+    #[test]
+    fn a_rated_device_sends_one_per_interval_on_its_own_schedule() {
+        let t0 = Instant::now();
+        let mut s = sending(Some(1000.0), 8, t0 + Duration::from_millis(30));
+        // Before its first slot: nothing.
+        assert_eq!(s.owed(t0), 0);
+        let at = t0 + Duration::from_millis(30);
+        assert_eq!(s.owed(at), 1);
+        s.advance(at, 1, 1);
+        assert_eq!(s.next_at, t0 + Duration::from_millis(130));
+        assert_eq!(s.owed(t0 + Duration::from_millis(129)), 0);
+        let at = t0 + Duration::from_millis(130);
+        assert_eq!(s.owed(at), 1);
+        s.advance(at, 1, 1);
+        assert_eq!(s.sent_in_phase, 2);
+        assert_eq!(s.next_at, t0 + Duration::from_millis(230));
+    }
+
+    #[test]
+    fn a_late_device_catches_up_per_write_at_a_time_then_keeps_the_schedule() {
+        let t0 = Instant::now();
+        let mut s = sending(Some(1000.0), 4, t0);
+        // 1 s late: 11 slots are due, 4 go now, the rest at the next ticks.
+        let late = t0 + Duration::from_millis(1000);
+        assert_eq!(s.owed(late), 4);
+        s.advance(late, 4, 4);
+        assert_eq!(s.next_at, late + TICK);
+        let at = late + TICK;
+        assert_eq!(s.owed(at), 4);
+        s.advance(at, 4, 4);
+        let at = at + TICK;
+        assert_eq!(s.owed(at), 3);
+        s.advance(at, 3, 3);
+        // Caught up: the next slot is the 12th, at 1,100 ms.
+        assert_eq!(s.next_at, t0 + Duration::from_millis(1100));
+    }
+
+    #[test]
+    fn a_window_that_holds_notifications_back_retries_at_the_next_tick() {
+        let t0 = Instant::now();
+        let mut s = sending(Some(1000.0), 8, t0);
+        assert_eq!(s.owed(t0), 1);
+        s.advance(t0, 0, 1);
+        assert_eq!(s.sent_in_phase, 0);
+        assert_eq!(s.next_at, t0 + TICK);
+        // Full speed: per_write at every tick.
+        let mut s = sending(None, 8, t0);
+        assert_eq!(s.owed(t0), 8);
+        s.advance(t0, 8, 8);
+        assert_eq!(s.next_at, t0 + TICK);
+        assert_eq!(s.owed(t0), 0);
     }
 }

@@ -79,6 +79,10 @@ pub struct RuntimeConfig {
     /// Setting this starts a graceful shutdown. Give the runtime a flag that
     /// signal handlers already hold, so a signal during start-up is not lost.
     pub shutdown: Arc<AtomicBool>,
+    /// Pin shard `i` to the `i`-th CPU the process may use (the default);
+    /// false leaves placement to the kernel (a load generator sharing a
+    /// small machine with the server it loads).
+    pub pin: bool,
 }
 
 impl RuntimeConfig {
@@ -93,6 +97,7 @@ impl RuntimeConfig {
             tick: Duration::from_millis(50),
             message_capacity: 65_536,
             shutdown: Arc::new(AtomicBool::new(false)),
+            pin: true,
         }
     }
 }
@@ -264,7 +269,12 @@ impl<M: Send + 'static> Runtime<M> {
             };
             let make_service = make_service.clone();
             let ready = ready_tx.clone();
-            let builder = LocalExecutorBuilder::new(Placement::Fixed(cpus[index % cpus.len()]))
+            let placement = if config.pin {
+                Placement::Fixed(cpus[index % cpus.len()])
+            } else {
+                Placement::Unbound
+            };
+            let builder = LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{index}"))
                 // Socket reads go into our own buffers; this memory only
                 // serves file IO, and pinning less keeps us under memlock
