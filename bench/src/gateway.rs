@@ -258,6 +258,10 @@ impl SpawnedGateway {
         let stderr_path = pki.data_dir().join("gateway.stderr");
         let stderr = File::create(&stderr_path)
             .map_err(|e| format!("cannot create {}: {e}", stderr_path.display()))?;
+        // The gateway gets the whole machine even when the bench is
+        // confined (`taskset -c 1`, perf/README.md "Core placement"): its
+        // shard pins itself to the first CPU, its other threads float.
+        let wide = shards::system::WideAffinity::online();
         let child = Command::new(binary)
             .arg("serve")
             // `serve --memory`: the embedded hub without its store.
@@ -269,6 +273,7 @@ impl SpawnedGateway {
             .stderr(stderr)
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        drop(wide);
         let mut gateway = SpawnedGateway {
             child,
             addr,

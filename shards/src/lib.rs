@@ -7,6 +7,11 @@
 //! ([`ShardSender`], [`ConnId`], [`Connection::on_message`]). It
 //! knows nothing of CoAP (ARCHITECTURE.md: `shards` moves bytes, `coap`
 //! frames them, `session` decides).
+//!
+//! The same shards also run the client side ([`Runtime::start_client`],
+//! [`Runtime::connect`], [`Connect`]): connections opened to a server, with
+//! their application created when the TLS handshake is done, exactly as an
+//! accepted one. The bench's device fleet runs on it.
 
 // The runtime is the IO side: it reads the clock and hands `now` to the
 // sans-IO layers (clippy.toml bans clock reads elsewhere).

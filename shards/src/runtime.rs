@@ -251,7 +251,9 @@ impl<M: Send + 'static> Runtime<M> {
         // Shard threads (and the helper threads glommio spawns for them)
         // inherit this mask; it is restored when `start` returns.
         let _mask = system::SignalMask::block_termination_signals();
-        let cpus = allowed_cpus();
+        // Shard `i` on the `i`-th CPU the process may use (its affinity
+        // mask: `taskset`, cgroup cpusets), never outside them.
+        let cpus = system::allowed_cpus();
 
         let mut handles = Vec::with_capacity(shards);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -380,31 +382,6 @@ impl<M: Send + 'static> Runtime<M> {
         for handle in self.handles {
             let _ = handle.join();
         }
-    }
-}
-
-/// The CPUs this process may run on (its affinity mask: `taskset`,
-/// cgroup cpusets), in order. Shard `i` is pinned to the `i`-th of them, so
-/// a gateway or a load generator started under `taskset -c 1` keeps its
-/// shards on CPU 1 instead of pinning them back onto CPU 0.
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: `set` is a plain bit set that sched_getaffinity fills for the
-    // calling thread (pid 0); its size is passed.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let rc =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    let cpus: Vec<usize> = if rc == 0 {
-        (0..libc::CPU_SETSIZE as usize)
-            // SAFETY: `cpu` < CPU_SETSIZE, inside `set`.
-            .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
-            .collect()
-    } else {
-        Vec::new()
-    };
-    if cpus.is_empty() {
-        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
-    } else {
-        cpus
     }
 }
 
@@ -1241,6 +1218,8 @@ fn fd_stream_shutdown(stream: &TcpStream) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::system::allowed_cpus;
 
     /// Shards follow the affinity mask they start under (`taskset`).
     #[test]
