@@ -10,10 +10,12 @@
 //! answers the gateway's discovery, observations and commands from its
 //! twin model (spec §6, §7) and Pings (RFC 8323 §5.4), and is IN_SYNC when
 //! the gateway observes every resource (spec §6.6). While a sending phase
-//! runs ([`ShardFleet::start_sending`]) it writes notifications
-//! `{"seq", "t"}`: at a fixed share of the total rate, evenly staggered, or
-//! as fast as the window allows (`per_write` per millisecond), never more
-//! than `window` ahead of what the hub has counted (`live::Shared`).
+//! runs ([`ShardFleet::start_sending`]) a pacer thread hands the devices,
+//! in turn, bursts to write (a message through each device's shard, so no
+//! device keeps a timer of its own): at the total rate, or as fast as the
+//! window allows, never more than `window` ahead of what the hub has
+//! counted (`live::Shared`). Each burst is written as notifications
+//! `{"seq", "t"}` with `t` taken at the write.
 //!
 //! Bounded: set-up has a deadline, every device a set-up time-out, and
 //! [`ShardFleet::stop`] shuts the shards down (each device closes).
@@ -41,14 +43,16 @@ const MAX_MESSAGE: usize = 1 << 20;
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Set-up connections in flight at once (connect to IN_SYNC).
 const SETUP_IN_FLIGHT: u64 = 256;
-/// The tick of the client shards' timers, and of full-speed sending.
+/// The tick of the client shards' timers.
 const TICK: Duration = Duration::from_millis(1);
+/// How long the pacer sleeps when nothing is due or the window is full.
+const PACER_NAP: Duration = Duration::from_micros(200);
 
 /// What the scenario tells a device.
 #[derive(Debug, Clone, Copy)]
 pub enum Cmd {
-    /// Start a sending phase begun at `phase_start` (unix ns).
-    Send { plan: SendPlan, phase_start_ns: u64 },
+    /// Write this many notifications now.
+    Notify(u32),
 }
 
 /// What a device leaves behind when it closes.
@@ -123,61 +127,10 @@ struct FleetDevice {
     setup_deadline: Option<Instant>,
     /// Plaintext to send.
     out: Vec<u8>,
-    sending: Option<Sending>,
+    /// The resource of the next notification.
+    next_resource: usize,
     closed: bool,
     closed_by_gateway: bool,
-}
-
-/// A sending phase.
-#[derive(Debug, Clone, Copy)]
-struct Sending {
-    plan: SendPlan,
-    /// Rate mode: this device's interval and the instant of its first
-    /// notification; the n-th is due at `first + n * interval`.
-    interval: Option<Duration>,
-    first: Instant,
-    sent_in_phase: u64,
-    next_at: Instant,
-    next_resource: usize,
-}
-
-impl Sending {
-    /// Notifications due at `now`, at most `per_write`: in rate mode those
-    /// of the device's schedule not sent yet (a device that fell behind
-    /// catches up `per_write` at a time); at full speed `per_write`.
-    fn owed(&self, now: Instant) -> u64 {
-        if now < self.next_at {
-            return 0;
-        }
-        let per_write = self.plan.per_write as u64;
-        match self.interval {
-            Some(interval) => {
-                let due = (now.saturating_duration_since(self.first).as_nanos()
-                    / interval.as_nanos().max(1)) as u64
-                    + 1;
-                due.saturating_sub(self.sent_in_phase).min(per_write)
-            }
-            None => per_write,
-        }
-    }
-
-    /// Counts `wrote` of the `owed` notifications and sets the next
-    /// instant to act: the next on the schedule, or the next tick when the
-    /// window held some back or the device is behind.
-    fn advance(&mut self, now: Instant, wrote: u64, owed: u64) {
-        self.sent_in_phase += wrote;
-        self.next_at = match self.interval {
-            Some(interval) => {
-                let next = self.first + interval.mul_f64(self.sent_in_phase as f64);
-                if wrote < owed || next <= now {
-                    now + TICK
-                } else {
-                    next
-                }
-            }
-            None => now + TICK,
-        };
-    }
 }
 
 impl FleetDevice {
@@ -270,46 +223,29 @@ impl FleetDevice {
         }
     }
 
-    /// Writes what the sending phase owes at `now` and sets the next
-    /// instant to act.
-    fn send_due(&mut self, now: Instant) {
-        let Some(mut s) = self.sending else { return };
-        let live = &self.fleet.live;
-        if !live.sending.load(Ordering::Acquire) || self.step != Step::InSync {
-            self.sending = None;
+    /// Writes `n` notifications, resources in turn.
+    fn notify(&mut self, n: u32) {
+        if self.step != Step::InSync || self.closed {
             return;
         }
-        if now < s.next_at {
-            return;
-        }
-        let owed = s.owed(now);
-        // The window as the thread driver keeps it (`live.rs`).
-        let ahead = live
-            .sent
-            .load(Ordering::Relaxed)
-            .saturating_sub(live.acked.load(Ordering::Relaxed));
+        let t_ns = unix_ns();
+        let resources = self.twin.resource_count().max(1);
         let mut wrote = 0;
-        if ahead < s.plan.window {
-            let t_ns = unix_ns();
-            let resources = self.twin.resource_count().max(1);
-            for _ in 0..owed {
-                let k = s.next_resource % resources;
-                if self
-                    .twin
-                    .write_notification(k, t_ns, &mut self.out)
-                    .is_none()
-                {
-                    break;
-                }
-                s.next_resource = s.next_resource.wrapping_add(1);
-                wrote += 1;
+        for _ in 0..n {
+            let k = self.next_resource % resources;
+            if self
+                .twin
+                .write_notification(k, t_ns, &mut self.out)
+                .is_none()
+            {
+                break;
             }
+            self.next_resource = self.next_resource.wrapping_add(1);
+            wrote += 1;
         }
         if wrote > 0 {
-            live.sent.fetch_add(wrote, Ordering::Relaxed);
+            self.fleet.live.sent.fetch_add(wrote, Ordering::Relaxed);
         }
-        s.advance(now, wrote, owed);
-        self.sending = Some(s);
     }
 }
 
@@ -358,43 +294,12 @@ impl Connection for FleetDevice {
                     self.step
                 ),
             );
-            return;
         }
-        self.send_due(now);
     }
 
-    fn on_message(&mut self, now: Instant, msg: Cmd) {
+    fn on_message(&mut self, _now: Instant, msg: Cmd) {
         match msg {
-            Cmd::Send {
-                plan,
-                phase_start_ns,
-            } => {
-                if self.step != Step::InSync {
-                    return;
-                }
-                // The phase's origin in this clock, then this device's
-                // place in the rotation: device i of n sends at
-                // origin + (i / n + j) × n / rate (rate mode).
-                let behind = Duration::from_nanos(unix_ns().saturating_sub(phase_start_ns));
-                let origin = now.checked_sub(behind).unwrap_or(now);
-                let total = self.fleet.total.max(1) as f64;
-                let interval = plan
-                    .rate
-                    .map(|r| Duration::from_secs_f64(total / r.max(1e-9)));
-                let first = match interval {
-                    Some(i) => origin + i.mul_f64(self.index as f64 / total),
-                    None => origin,
-                };
-                self.sending = Some(Sending {
-                    plan,
-                    interval,
-                    first,
-                    sent_in_phase: 0,
-                    next_at: first,
-                    next_resource: 0,
-                });
-                self.send_due(now);
-            }
+            Cmd::Notify(n) => self.notify(n),
         }
     }
 
@@ -411,10 +316,7 @@ impl Connection for FleetDevice {
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        match (self.setup_deadline, self.sending.map(|s| s.next_at)) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        self.setup_deadline
     }
 
     fn is_closed(&self) -> bool {
@@ -480,7 +382,7 @@ impl Service for FleetService {
             step_started: now,
             setup_deadline: Some(now + SETUP_TIMEOUT),
             out: Vec::with_capacity(512),
-            sending: None,
+            next_resource: 0,
             closed: false,
             closed_by_gateway: false,
         };
@@ -523,6 +425,8 @@ pub struct ShardFleet {
     runtime: Runtime<Cmd>,
     fleet: Arc<Fleet>,
     pub shared: Arc<Shared>,
+    /// The sending phase's pacer thread.
+    pacer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl ShardFleet {
@@ -628,6 +532,7 @@ impl ShardFleet {
                 runtime,
                 fleet,
                 shared: live,
+                pacer: Mutex::new(None),
             },
             load,
         ))
@@ -648,14 +553,14 @@ impl ShardFleet {
         self.fleet.in_sync.load(Ordering::Relaxed) as usize
     }
 
-    /// Starts a sending phase: raises `shared.sending` and tells every
-    /// device (a message through its shard).
+    /// Starts a sending phase whose time origin is `phase_start_ns`: raises
+    /// `shared.sending` and starts the pacer.
     pub fn start_sending(&self, plan: SendPlan, phase_start_ns: u64) {
+        self.stop_sending();
         self.shared
             .phase_start_ns
             .store(phase_start_ns, Ordering::Release);
         self.shared.sending.store(true, Ordering::Release);
-        let sender = self.runtime.sender();
         let ids: Vec<ConnId> = self
             .fleet
             .ids
@@ -665,33 +570,24 @@ impl ShardFleet {
             .flatten()
             .copied()
             .collect();
-        for id in ids {
-            let mut msg = Cmd::Send {
-                plan,
-                phase_start_ns,
-            };
-            // Bounded retries on a full shard channel.
-            for _ in 0..1000 {
-                match sender.send(id, msg) {
-                    Err(e) if e.is_full() => {
-                        msg = e.into_inner();
-                        std::thread::sleep(Duration::from_micros(100));
-                    }
-                    _ => break,
-                }
-            }
-        }
+        let sender = self.runtime.sender();
+        let live = self.shared.clone();
+        let handle = std::thread::spawn(move || pace(ids, sender, plan, phase_start_ns, live));
+        *self.pacer.lock().unwrap() = Some(handle);
     }
 
-    /// Ends the sending phase (devices see it at their next tick).
+    /// Ends the sending phase: lowers the flag and waits for the pacer.
     pub fn stop_sending(&self) {
         self.shared.sending.store(false, Ordering::Release);
+        if let Some(pacer) = self.pacer.lock().unwrap().take() {
+            let _ = pacer.join();
+        }
     }
 
     /// Closes every device and stops the shards; what each device left.
     pub fn stop(self) -> Vec<Summary> {
         self.fleet.stopping.store(true, Ordering::Relaxed);
-        self.shared.sending.store(false, Ordering::Release);
+        self.stop_sending();
         self.runtime.shutdown();
         self.runtime.join();
         let mut summaries = std::mem::take(&mut *self.fleet.summaries.lock().unwrap());
@@ -703,76 +599,120 @@ impl ShardFleet {
     }
 }
 
+/// How many notifications the pacer may hand out now: at a rate, those due
+/// by `elapsed` and not handed out yet; as fast as possible, what the
+/// window has room for (`in_flight`: handed out and not counted by the
+/// hub).
+fn budget(plan: &SendPlan, elapsed: Duration, handed_out: u64, in_flight: u64) -> u64 {
+    let room = plan.window.saturating_sub(in_flight);
+    match plan.rate {
+        Some(rate) => {
+            let due = (elapsed.as_secs_f64() * rate).floor() as u64 + 1;
+            due.saturating_sub(handed_out).min(room)
+        }
+        None => room,
+    }
+}
+
+/// The burst of one device: `per_write` as fast as possible; at a rate, an
+/// even share of what is due over the devices (one each when on time, more
+/// when behind), at most `per_write`.
+fn burst(plan: &SendPlan, budget: u64, devices: usize) -> u64 {
+    let per_write = plan.per_write.max(1) as u64;
+    let each = match plan.rate {
+        Some(_) => budget.div_ceil(devices.max(1) as u64).clamp(1, per_write),
+        None => per_write,
+    };
+    each.min(budget)
+}
+
+/// The pacer of a sending phase: hands `ids` bursts in turn (the devices
+/// take turns, as in the thread driver) until the phase ends.
+fn pace(
+    ids: Vec<ConnId>,
+    sender: shards::ShardSender<Cmd>,
+    plan: SendPlan,
+    start_ns: u64,
+    live: Arc<Shared>,
+) {
+    if ids.is_empty() {
+        return;
+    }
+    // Notifications handed out before this phase (earlier phases): the
+    // window counts against the hub's total.
+    let before = live.sent.load(Ordering::Relaxed);
+    let mut handed_out = 0u64;
+    let mut cursor = 0usize;
+    while live.sending.load(Ordering::Acquire) {
+        let elapsed = Duration::from_nanos(unix_ns().saturating_sub(start_ns));
+        // Handed out but maybe not written yet counts as in flight.
+        let in_flight = (before + handed_out)
+            .max(live.sent.load(Ordering::Relaxed))
+            .saturating_sub(live.acked.load(Ordering::Relaxed));
+        let mut left = budget(&plan, elapsed, handed_out, in_flight);
+        // One round over the devices at most, then look at the flags again.
+        let mut full = false;
+        for _ in 0..ids.len() {
+            if left == 0 {
+                break;
+            }
+            let n = burst(&plan, left, ids.len());
+            match sender.send(ids[cursor], Cmd::Notify(n as u32)) {
+                Ok(()) => {
+                    left -= n;
+                    handed_out += n;
+                }
+                Err(e) if e.is_full() => {
+                    full = true;
+                    break;
+                }
+                // The client shards stopped.
+                Err(_) => return,
+            }
+            cursor = (cursor + 1) % ids.len();
+        }
+        if left == 0 || full {
+            std::thread::sleep(PACER_NAP);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn sending(rate: Option<f64>, per_write: usize, first: Instant) -> Sending {
-        Sending {
-            plan: SendPlan {
-                rate,
-                per_write,
-                window: 1000,
-            },
-            // 100 devices at 1,000/s: every 100 ms each.
-            interval: rate.map(|r| Duration::from_secs_f64(100.0 / r)),
-            first,
-            sent_in_phase: 0,
-            next_at: first,
-            next_resource: 0,
+    fn plan(rate: Option<f64>, per_write: usize, window: u64) -> SendPlan {
+        SendPlan {
+            rate,
+            per_write,
+            window,
         }
     }
 
     #[test]
-    fn a_rated_device_sends_one_per_interval_on_its_own_schedule() {
-        let t0 = Instant::now();
-        let mut s = sending(Some(1000.0), 8, t0 + Duration::from_millis(30));
-        // Before its first slot: nothing.
-        assert_eq!(s.owed(t0), 0);
-        let at = t0 + Duration::from_millis(30);
-        assert_eq!(s.owed(at), 1);
-        s.advance(at, 1, 1);
-        assert_eq!(s.next_at, t0 + Duration::from_millis(130));
-        assert_eq!(s.owed(t0 + Duration::from_millis(129)), 0);
-        let at = t0 + Duration::from_millis(130);
-        assert_eq!(s.owed(at), 1);
-        s.advance(at, 1, 1);
-        assert_eq!(s.sent_in_phase, 2);
-        assert_eq!(s.next_at, t0 + Duration::from_millis(230));
+    fn at_a_rate_what_is_due_is_handed_out_one_per_device_when_on_time() {
+        let p = plan(Some(1000.0), 8, 50_000);
+        // At 0 the first is due; 10 ms later 11 in all.
+        assert_eq!(budget(&p, Duration::ZERO, 0, 0), 1);
+        assert_eq!(budget(&p, Duration::from_millis(10), 1, 0), 10);
+        assert_eq!(budget(&p, Duration::from_millis(10), 11, 0), 0);
+        // On time over 100 devices: one each.
+        assert_eq!(burst(&p, 10, 100), 1);
+        // Behind by 2,000 over 100 devices: 8 (per_write) each.
+        assert_eq!(burst(&p, 2000, 100), 8);
+        assert_eq!(burst(&p, 250, 100), 3);
     }
 
     #[test]
-    fn a_late_device_catches_up_per_write_at_a_time_then_keeps_the_schedule() {
-        let t0 = Instant::now();
-        let mut s = sending(Some(1000.0), 4, t0);
-        // 1 s late: 11 slots are due, 4 go now, the rest at the next ticks.
-        let late = t0 + Duration::from_millis(1000);
-        assert_eq!(s.owed(late), 4);
-        s.advance(late, 4, 4);
-        assert_eq!(s.next_at, late + TICK);
-        let at = late + TICK;
-        assert_eq!(s.owed(at), 4);
-        s.advance(at, 4, 4);
-        let at = at + TICK;
-        assert_eq!(s.owed(at), 3);
-        s.advance(at, 3, 3);
-        // Caught up: the next slot is the 12th, at 1,100 ms.
-        assert_eq!(s.next_at, t0 + Duration::from_millis(1100));
-    }
-
-    #[test]
-    fn a_window_that_holds_notifications_back_retries_at_the_next_tick() {
-        let t0 = Instant::now();
-        let mut s = sending(Some(1000.0), 8, t0);
-        assert_eq!(s.owed(t0), 1);
-        s.advance(t0, 0, 1);
-        assert_eq!(s.sent_in_phase, 0);
-        assert_eq!(s.next_at, t0 + TICK);
-        // Full speed: per_write at every tick.
-        let mut s = sending(None, 8, t0);
-        assert_eq!(s.owed(t0), 8);
-        s.advance(t0, 8, 8);
-        assert_eq!(s.next_at, t0 + TICK);
-        assert_eq!(s.owed(t0), 0);
+    fn as_fast_as_possible_the_window_bounds_what_is_in_flight() {
+        let p = plan(None, 8, 100);
+        assert_eq!(budget(&p, Duration::from_secs(5), 1_000_000, 40), 60);
+        assert_eq!(budget(&p, Duration::from_secs(5), 1_000_000, 100), 0);
+        assert_eq!(budget(&p, Duration::from_secs(5), 1_000_000, 500), 0);
+        assert_eq!(burst(&p, 60, 10), 8);
+        assert_eq!(burst(&p, 5, 10), 5);
+        // A rate never outruns the window either.
+        let p = plan(Some(1e9), 8, 100);
+        assert_eq!(budget(&p, Duration::from_secs(1), 0, 90), 10);
     }
 }
