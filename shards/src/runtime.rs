@@ -835,13 +835,7 @@ async fn accept_loop<S: Service>(shard: Rc<Shard<S>>, listener: TcpListener) {
         let shared = &shard.shared;
         shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let max = shared.config.max_connections;
-        let total = shared.total.fetch_add(1, Ordering::SeqCst) + 1;
-        if max != 0 && total > max {
-            shared.total.fetch_sub(1, Ordering::SeqCst);
-            shared
-                .stats
-                .rejected_max_connections
-                .fetch_add(1, Ordering::Relaxed);
+        if !admit(shared) {
             tracing::debug!(
                 shard = shard.index,
                 max,
@@ -883,6 +877,22 @@ async fn accept_loop<S: Service>(shard: Rc<Shard<S>>, listener: TcpListener) {
             handshake_deadline,
         );
     }
+}
+
+/// Counts a new connection against `max_connections` (over all shards);
+/// false, counted as rejected, when there is no room.
+fn admit(shared: &SharedState) -> bool {
+    let max = shared.config.max_connections;
+    let total = shared.total.fetch_add(1, Ordering::SeqCst) + 1;
+    if max != 0 && total > max {
+        shared.total.fetch_sub(1, Ordering::SeqCst);
+        shared
+            .stats
+            .rejected_max_connections
+            .fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    true
 }
 
 /// Gives a connected socket its slot and its task (accepted or opened).
@@ -950,14 +960,8 @@ async fn open<S: Service>(shard: Rc<Shard<S>>, request: Connect) {
     let failed = |reason: CloseReason| {
         shard.service.connect_failed(tag, Instant::now(), &reason);
     };
-    let max = shared.config.max_connections;
-    let total = shared.total.fetch_add(1, Ordering::SeqCst) + 1;
-    if max != 0 && total > max {
-        shared.total.fetch_sub(1, Ordering::SeqCst);
-        shared
-            .stats
-            .rejected_max_connections
-            .fetch_add(1, Ordering::Relaxed);
+    if !admit(shared) {
+        let max = shared.config.max_connections;
         failed(CloseReason::Io(format!("max_connections ({max}) reached")));
         return;
     }

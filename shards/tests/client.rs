@@ -299,3 +299,53 @@ fn a_server_runtime_refuses_connect_requests() {
     server.shutdown();
     server.join();
 }
+
+#[test]
+fn a_client_past_max_connections_reports_the_refusal() {
+    let (server_tls, client_tls, _) = configs();
+    let mut config = RuntimeConfig::new("127.0.0.1:0".parse().unwrap(), Some(server_tls));
+    config.shards = 1;
+    let server = Runtime::start(config, |_| UpperService).expect("server starts");
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let mut config = RuntimeConfig::new("127.0.0.1:0".parse().unwrap(), None);
+    config.shards = 1;
+    config.max_connections = 1;
+    let for_shards = seen.clone();
+    let client = Runtime::start_client(config, move |_| HelloService {
+        seen: for_shards.clone(),
+    })
+    .expect("client runtime starts");
+    for tag in [1, 2] {
+        let request = Connect {
+            addr: server.local_addr(),
+            tls: client_tls.clone(),
+            name: ServerName::try_from("localhost").unwrap(),
+            tag,
+        };
+        assert!(client.connect(0, request).is_ok());
+    }
+    wait_for("one answer and one refusal", || {
+        let seen = seen.lock().unwrap();
+        seen.closed.len() == 1 && seen.failed.len() == 1
+    });
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.answers[&1], "HELLO 1");
+    assert!(
+        matches!(&seen.failed[&2], CloseReason::Io(m) if m.contains("max_connections")),
+        "{:?}",
+        seen.failed
+    );
+    let rejected: u64 = client
+        .stats()
+        .iter()
+        .map(|s| {
+            s.rejected_max_connections
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum();
+    assert_eq!(rejected, 1);
+    client.shutdown();
+    client.join();
+    server.shutdown();
+    server.join();
+}
