@@ -141,23 +141,9 @@ fn report_from_json(v: &Value) -> Result<ThreadReport, String> {
 /// `idle --worker I`: holds `--devices` devices from 127.0.0.(1+I) until
 /// the parent says `stop` (or the hard deadline), then reports.
 pub fn idle_worker(cli: &Cli, ctx: &Context) -> Result<(), Failure> {
-    let (Some(i), Some(addr), Some(ca_dir)) = (cli.worker, cli.gateway, &cli.ca_dir) else {
-        return Err(Failure::Usage(
-            "--worker is internal: it needs --gateway and --ca-dir".into(),
-        ));
-    };
-    let ip = worker_ip(i)
-        .ok_or_else(|| Failure::Usage(format!("--worker {i}: at most {MAX_PROCS} workers")))?;
-    SOURCE
-        .set(ip)
-        .map_err(|_| Failure::Runtime("the source address was already set".into()))?;
+    let (addr, config, _scratch) = worker_setup(cli)?;
     let devices = cli.devices.unwrap_or(0);
     let hold_limit = cli.duration.unwrap_or(Duration::from_secs(600));
-    let scratch = tempfile::Builder::new()
-        .prefix("coap-gateway-bench-worker-")
-        .tempdir()
-        .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
-    let config = gateway::external_client_config(ca_dir, scratch.path())?;
     let started = Instant::now();
     let connect_deadline = started + Duration::from_secs(60) + Duration::from_millis(devices);
     let clients = IdleClients::start(
@@ -173,14 +159,42 @@ pub fn idle_worker(cli: &Cli, ctx: &Context) -> Result<(), Failure> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let connected = clients.shared.connected.load(Ordering::Relaxed);
-    let mut out = io::stdout().lock();
-    writeln!(out, "connected {connected}").map_err(|e| format!("stdout: {e}"))?;
-    out.flush().map_err(|e| format!("stdout: {e}"))?;
-    drop(out);
+    say(&format!("connected {connected}"))?;
     // Wait for the parent's `stop` (EOF counts: the parent is gone).
     wait_for_parent(hold_limit, &ctx.interrupted);
     let report = clients.stop();
     say(&format!("report {}", report_json(&report)))
+}
+
+/// What every worker starts with: it connects from its own source address
+/// (127.0.0.(1+I)) to `--gateway`, with the client configuration of
+/// `--ca-dir` (its files live in the returned directory).
+fn worker_setup(
+    cli: &Cli,
+) -> Result<
+    (
+        SocketAddr,
+        std::sync::Arc<rustls::ClientConfig>,
+        tempfile::TempDir,
+    ),
+    Failure,
+> {
+    let (Some(i), Some(addr), Some(ca_dir)) = (cli.worker, cli.gateway, &cli.ca_dir) else {
+        return Err(Failure::Usage(
+            "--worker is internal: it needs --gateway and --ca-dir".into(),
+        ));
+    };
+    let ip = worker_ip(i)
+        .ok_or_else(|| Failure::Usage(format!("--worker {i}: at most {MAX_PROCS} workers")))?;
+    SOURCE
+        .set(ip)
+        .map_err(|_| Failure::Runtime("the source address was already set".into()))?;
+    let scratch = tempfile::Builder::new()
+        .prefix("coap-gateway-bench-worker-")
+        .tempdir()
+        .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+    let config = gateway::external_client_config(ca_dir, scratch.path())?;
+    Ok((addr, config, scratch))
 }
 
 /// One line to the parent.
@@ -211,23 +225,9 @@ fn wait_for_parent(limit: Duration, interrupted: &std::sync::atomic::AtomicBool)
 /// `connect --handshake-only --worker I`: warms up, says `ready`, waits
 /// for `go`, runs `--devices` handshakes from 127.0.0.(1+I) and reports.
 pub fn connect_worker(cli: &Cli, ctx: &Context) -> Result<(), Failure> {
-    let (Some(i), Some(addr), Some(ca_dir)) = (cli.worker, cli.gateway, &cli.ca_dir) else {
-        return Err(Failure::Usage(
-            "--worker is internal: it needs --gateway and --ca-dir".into(),
-        ));
-    };
-    let ip = worker_ip(i)
-        .ok_or_else(|| Failure::Usage(format!("--worker {i}: at most {MAX_PROCS} workers")))?;
-    SOURCE
-        .set(ip)
-        .map_err(|_| Failure::Runtime("the source address was already set".into()))?;
+    let (addr, config, _scratch) = worker_setup(cli)?;
     let count = cli.devices.unwrap_or(0);
     let limit = cli.duration.unwrap_or(Duration::from_secs(120));
-    let scratch = tempfile::Builder::new()
-        .prefix("coap-gateway-bench-worker-")
-        .tempdir()
-        .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
-    let config = gateway::external_client_config(ca_dir, scratch.path())?;
     let plan = load::Plan::Handshake(config);
     let warm = (count / 20).clamp(10, 100);
     let _ = load::run(
