@@ -1361,35 +1361,9 @@ fn idle_scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fai
     let pki = Pki::create()?;
     let (mut target, client) = target(cli, ctx, &pki)?;
     let pid = target.pid;
-    let rss = |f: fn(u32) -> std::io::Result<u64>| pid.and_then(|p| f(p).ok());
-    let rss_startup = rss(procfs::vm_rss_bytes);
-
-    // Warm-up: one-time allocations (session cache, shard buffers) are not
-    // per-device memory.
-    let warmup = idle::IdleClients::start(
-        target.addr,
-        &client,
-        16,
-        1,
-        Instant::now() + Duration::from_secs(30),
-        Instant::now() + Duration::from_secs(60),
-        &ctx.interrupted,
-    );
-    while !warmup.all_connected() && !ctx.interrupted.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let warm = warmup.stop();
-    if warm.connected == 0 {
-        return Err(Failure::Runtime(format!(
-            "no warm-up device could connect: {:?}",
-            warm.errors.samples
-        )));
-    }
-    sleep_unless(Duration::from_secs(1), &ctx.interrupted);
-    let rss_before = rss(procfs::vm_rss_bytes);
-    let anon_before = rss(procfs::rss_anon_bytes);
-    let cpu_before = pid.and_then(|p| procfs::process_cpu_ticks(p).ok());
-    let sockstat_before = procfs::tcp_sockstat();
+    let rss_startup = pid.and_then(|p| procfs::vm_rss_bytes(p).ok());
+    idle::warm_up(target.addr, &client, &ctx.interrupted)?;
+    let before = idle::Snapshot::take(pid);
 
     // Connect phase: bounded by 1 ms per device on top of a minute.
     let started = Instant::now();
@@ -1429,119 +1403,40 @@ fn idle_scenario(cli: &Cli, ctx: &Context, open_files: u64) -> Result<Value, Fai
         bar.set_position(hold_started.elapsed().as_millis() as u64);
     }
     bar.finish_and_clear();
-    let rss_after = rss(procfs::vm_rss_bytes);
-    let anon_after = rss(procfs::rss_anon_bytes);
-    let cpu_after = pid.and_then(|p| procfs::process_cpu_ticks(p).ok());
-    let sockstat_after = procfs::tcp_sockstat();
+    let after = idle::Snapshot::take(pid);
     let held_for = started.elapsed() - connect_phase;
     let threads = clients.stop();
     // Informational: what the gateway keeps once every device has gone (the
     // allocator need not give freed memory back, so this is no leak test).
     sleep_unless(Duration::from_secs(2), &ctx.interrupted);
-    let rss_after_close = rss(procfs::vm_rss_bytes);
+    let rss_after_close = pid.and_then(|p| procfs::vm_rss_bytes(p).ok());
     let health = target.spawned.as_mut().map(|g| g.health());
     drop(target);
 
-    let per_device = |before: Option<u64>, after: Option<u64>| match (before, after) {
-        (Some(b), Some(a)) if threads.held_at_end > 0 => {
-            Some(round((a as f64 - b as f64) / threads.held_at_end as f64, 1))
-        }
-        _ => None,
-    };
-    let bytes_per_device = per_device(rss_before, rss_after);
-    let bytes_from_startup = per_device(rss_startup, rss_after);
-    let anon_per_device = per_device(anon_before, anon_after);
-    let latency = threads
-        .latency
-        .clone()
-        .unwrap_or_else(load::StageHistograms::new);
-    let p = Percentiles::of(&latency.total);
-    let throughput = connected as f64 / connect_phase.as_secs_f64().max(1e-9);
-    let cpu_seconds = match (cpu_before, cpu_after) {
-        (Some(a), Some(b)) => Some(round(ctx.ticks_to_s(b.since(a).total()), 3)),
-        _ => None,
-    };
-
     println!(
-        "idle: {connected}/{devices} devices connected in {:.2} s ({throughput:.0}/s), {} errors; held {:.1} s",
+        "idle: {connected}/{devices} devices connected in {:.2} s ({:.0}/s), {} errors; held {:.1} s",
         connect_phase.as_secs_f64(),
+        connected as f64 / connect_phase.as_secs_f64().max(1e-9),
         threads.errors.total,
         held_for.as_secs_f64()
     );
-    println!(
-        "  connect+CSM latency µs p50 {} p99 {} max {}",
-        p.p50, p.p99, p.max
-    );
-    let mib = |b: Option<u64>| {
-        b.map_or("?".to_owned(), |b| {
-            format!("{:.1} MiB", b as f64 / 1048576.0)
-        })
+    let measured = idle::Measured {
+        devices,
+        connected,
+        connect_phase,
+        held_for,
+        total: threads,
+        pid,
+        rss_startup,
+        before,
+        after,
+        rss_after_close,
+        health,
     };
-    println!(
-        "  gateway VmRSS: start-up {}, before {}, with devices {}, after they left {}",
-        mib(rss_startup),
-        mib(rss_before),
-        mib(rss_after),
-        mib(rss_after_close)
-    );
-    println!(
-        "  still open at the end {}, closed by the gateway {}, pings answered {}, unexpected messages {}",
-        threads.held_at_end, threads.closed_by_gateway, threads.pings_answered, threads.unexpected_messages
-    );
-    match bytes_per_device {
-        Some(b) => println!(
-            "  bytes per device {b:.0} (RssAnon {}; from start-up {}); goal <= {IDLE_BYTES_GOAL:.0}: {}",
-            anon_per_device.map_or("?".into(), |a| format!("{a:.0}")),
-            bytes_from_startup.map_or("?".into(), |a| format!("{a:.0}")),
-            if b <= IDLE_BYTES_GOAL { "met" } else { "MISSED" }
-        ),
-        None => println!("  bytes per device: not measured"),
-    }
-    for e in &threads.errors.samples {
-        println!("  error: {e}");
-    }
-    check_health(health.as_ref())?;
+    measured.print();
+    check_health(measured.health.as_ref())?;
     if connected == 0 {
         return Err(Failure::Runtime("no device could connect".into()));
     }
-    Ok(json!({
-        "scenario": "idle",
-        "devices": devices,
-        "duration_s": round(held_for.as_secs_f64(), 3),
-        "throughput_per_s": round(throughput, 1),
-        "latency_us": p,
-        "stages_us": latency.stages(),
-        "errors": threads.errors,
-        "gateway": {
-            "pid": pid,
-            "shards": cli.gateway.is_none().then_some(cli.shards),
-            "rss_bytes": rss_after,
-            "rss_before_bytes": rss_before,
-            "rss_startup_bytes": rss_startup,
-            "rss_anon_before_bytes": anon_before,
-            "rss_anon_bytes": anon_after,
-            "rss_after_close_bytes": rss_after_close,
-            "cpu_seconds": cpu_seconds,
-            "bytes_per_device": bytes_per_device,
-            "bytes_per_device_from_startup": bytes_from_startup,
-            "anon_bytes_per_device": anon_per_device,
-            "stderr_lines": health.as_ref().map(|h| h.stderr_lines),
-        },
-        "baseline": Value::Null,
-        "idle": {
-            "connected": connected,
-            "held_at_end": threads.held_at_end,
-            "closed_by_gateway": threads.closed_by_gateway,
-            "pings_answered": threads.pings_answered,
-            "unexpected_messages": threads.unexpected_messages,
-            "connect_phase_s": round(connect_phase.as_secs_f64(), 3),
-            "tcp_sockstat_before": sockstat_before,
-            "tcp_sockstat_after": sockstat_after,
-        },
-        "goal": {
-            "bytes_per_device_max": IDLE_BYTES_GOAL,
-            "met": bytes_per_device.map(|b| b <= IDLE_BYTES_GOAL),
-        },
-        "client_threads": ctx.threads,
-    }))
+    Ok(measured.report(cli.gateway.is_none().then_some(cli.shards), ctx))
 }

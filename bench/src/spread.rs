@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use crate::idle::{IdleClients, ThreadReport};
+use crate::idle::{self, IdleClients, ThreadReport};
 use crate::load::{self, Errors, Percentiles, StageHistograms};
-use crate::{gateway, procfs, round, sleep_unless, Cli, Context, Failure, IDLE_BYTES_GOAL};
+use crate::{gateway, procfs, round, sleep_unless, Cli, Context, Failure};
 
 /// The source address of this process's connections, when it is a worker.
 static SOURCE: OnceLock<IpAddr> = OnceLock::new();
@@ -546,29 +546,10 @@ pub fn idle_scenario(cli: &Cli, ctx: &Context) -> Result<Value, Failure> {
     let pki = gateway::Pki::create()?;
     let (mut target, client) = crate::target(cli, ctx, &pki)?;
     let pid = target.pid;
-    let rss = |f: fn(u32) -> io::Result<u64>| pid.and_then(|p| f(p).ok());
-    let rss_startup = rss(procfs::vm_rss_bytes);
+    let rss_startup = pid.and_then(|p| procfs::vm_rss_bytes(p).ok());
     // Warm-up from this process, as `idle` does.
-    let warmup = IdleClients::start(
-        target.addr,
-        &client,
-        16,
-        1,
-        Instant::now() + Duration::from_secs(30),
-        Instant::now() + Duration::from_secs(60),
-        &ctx.interrupted,
-    );
-    while !warmup.all_connected() && !ctx.interrupted.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    if warmup.stop().connected == 0 {
-        return Err(Failure::Runtime("no warm-up device could connect".into()));
-    }
-    sleep_unless(Duration::from_secs(1), &ctx.interrupted);
-    let rss_before = rss(procfs::vm_rss_bytes);
-    let anon_before = rss(procfs::rss_anon_bytes);
-    let cpu_before = pid.and_then(|p| procfs::process_cpu_ticks(p).ok());
-    let sockstat_before = procfs::tcp_sockstat();
+    idle::warm_up(target.addr, &client, &ctx.interrupted)?;
+    let before = idle::Snapshot::take(pid);
 
     let connect_limit = Duration::from_secs(90) + Duration::from_millis(devices);
     let started = Instant::now();
@@ -600,10 +581,7 @@ pub fn idle_scenario(cli: &Cli, ctx: &Context) -> Result<Value, Failure> {
         connect_phase.as_secs_f64()
     );
     sleep_unless(hold, &ctx.interrupted);
-    let rss_after = rss(procfs::vm_rss_bytes);
-    let anon_after = rss(procfs::rss_anon_bytes);
-    let cpu_after = pid.and_then(|p| procfs::process_cpu_ticks(p).ok());
-    let sockstat_after = procfs::tcp_sockstat();
+    let after = idle::Snapshot::take(pid);
     let held_for = started.elapsed() - connect_phase;
     tell(&mut workers, "stop");
     let reports = collect(
@@ -633,106 +611,32 @@ pub fn idle_scenario(cli: &Cli, ctx: &Context) -> Result<Value, Failure> {
     }
     drop(workers);
     sleep_unless(Duration::from_secs(2), &ctx.interrupted);
-    let rss_after_close = rss(procfs::vm_rss_bytes);
+    let rss_after_close = pid.and_then(|p| procfs::vm_rss_bytes(p).ok());
     let health = target.spawned.as_mut().map(|g| g.health());
     drop(target);
 
-    let per_device = |before: Option<u64>, after: Option<u64>| match (before, after) {
-        (Some(b), Some(a)) if total.held_at_end > 0 => {
-            Some(round((a as f64 - b as f64) / total.held_at_end as f64, 1))
-        }
-        _ => None,
+    let measured = idle::Measured {
+        devices,
+        connected,
+        connect_phase,
+        held_for,
+        total,
+        pid,
+        rss_startup,
+        before,
+        after,
+        rss_after_close,
+        health,
     };
-    let bytes_per_device = per_device(rss_before, rss_after);
-    let anon_per_device = per_device(anon_before, anon_after);
-    let bytes_from_startup = per_device(rss_startup, rss_after);
-    let latency = total.latency.clone().unwrap_or_else(StageHistograms::new);
-    let p = Percentiles::of(&latency.total);
-    let throughput = connected as f64 / connect_phase.as_secs_f64().max(1e-9);
-    let cpu_seconds = cpu_before
-        .zip(cpu_after)
-        .map(|(a, b)| round(ctx.ticks_to_s(b.since(a).total()), 3));
-    let mib = |b: Option<u64>| {
-        b.map_or("?".to_owned(), |b| {
-            format!("{:.1} MiB", b as f64 / 1048576.0)
-        })
-    };
-    println!(
-        "  connect+CSM+GET latency µs p50 {} p99 {} max {}; {} errors",
-        p.p50, p.p99, p.max, total.errors.total
-    );
-    println!(
-        "  gateway VmRSS: start-up {}, before {}, with devices {}, after they left {}",
-        mib(rss_startup),
-        mib(rss_before),
-        mib(rss_after),
-        mib(rss_after_close)
-    );
-    println!(
-        "  still open at the end {}, closed by the gateway {}, pings answered {}",
-        total.held_at_end, total.closed_by_gateway, total.pings_answered
-    );
-    match bytes_per_device {
-        Some(b) => println!(
-            "  bytes per device {b:.0} (RssAnon {}); goal <= {IDLE_BYTES_GOAL:.0}: {}",
-            anon_per_device.map_or("?".into(), |a| format!("{a:.0}")),
-            if b <= IDLE_BYTES_GOAL {
-                "met"
-            } else {
-                "MISSED"
-            }
-        ),
-        None => println!("  bytes per device: not measured"),
-    }
-    for e in &total.errors.samples {
-        println!("  error: {e}");
-    }
-    crate::check_health(health.as_ref())?;
+    measured.print();
+    crate::check_health(measured.health.as_ref())?;
     if connected == 0 {
         return Err(Failure::Runtime("no device could connect".into()));
     }
-    Ok(json!({
-        "scenario": "idle",
-        "devices": devices,
-        "procs": procs,
-        "duration_s": round(held_for.as_secs_f64(), 3),
-        "throughput_per_s": round(throughput, 1),
-        "latency_us": p,
-        "stages_us": latency.stages(),
-        "errors": total.errors,
-        "gateway": {
-            "pid": pid,
-            "shards": cli.gateway.is_none().then_some(cli.shards),
-            "rss_bytes": rss_after,
-            "rss_before_bytes": rss_before,
-            "rss_startup_bytes": rss_startup,
-            "rss_anon_before_bytes": anon_before,
-            "rss_anon_bytes": anon_after,
-            "rss_after_close_bytes": rss_after_close,
-            "cpu_seconds": cpu_seconds,
-            "bytes_per_device": bytes_per_device,
-            "bytes_per_device_from_startup": bytes_from_startup,
-            "anon_bytes_per_device": anon_per_device,
-            "stderr_lines": health.as_ref().map(|h| h.stderr_lines),
-        },
-        "baseline": Value::Null,
-        "idle": {
-            "connected": connected,
-            "held_at_end": total.held_at_end,
-            "closed_by_gateway": total.closed_by_gateway,
-            "pings_answered": total.pings_answered,
-            "unexpected_messages": total.unexpected_messages,
-            "connect_phase_s": round(connect_phase.as_secs_f64(), 3),
-            "tcp_sockstat_before": sockstat_before,
-            "tcp_sockstat_after": sockstat_after,
-        },
-        "per_process": per_process,
-        "goal": {
-            "bytes_per_device_max": IDLE_BYTES_GOAL,
-            "met": bytes_per_device.map(|b| b <= IDLE_BYTES_GOAL),
-        },
-        "client_threads": ctx.threads,
-    }))
+    let mut report = measured.report(cli.gateway.is_none().then_some(cli.shards), ctx);
+    report["procs"] = json!(procs);
+    report["per_process"] = json!(per_process);
+    Ok(report)
 }
 
 #[cfg(test)]
