@@ -130,6 +130,7 @@ impl std::error::Error for StartError {}
 /// Counters of one shard, readable from any thread.
 #[derive(Debug, Default)]
 pub struct ShardStats {
+    /// Connections accepted (server) or connected (client runtime).
     pub accepted: AtomicU64,
     pub active: AtomicUsize,
     pub handshakes: AtomicU64,
