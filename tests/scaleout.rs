@@ -589,8 +589,22 @@ fn a_nats_node_dies_during_a_notification_load_on_an_r3_cluster_and_no_event_is_
         "the last notification in the twin through B",
         || twin_light(&api_b).filter(|c| c["seq"] == NOTIFICATIONS),
     );
-
-    let events = all_events(&api_b);
+    // The twin (a key-value bucket with its own leader) can be ahead of
+    // the event stream: when the stream's leader is the node killed, its
+    // events wait in node A's outbox until the two left elect a new one
+    // (5-10 s on nats-server 2.9), so wait for the last event itself.
+    // A device's events keep their order, so with the last one present a
+    // missing one is lost, not late.
+    let started = Instant::now();
+    let events = loop {
+        let events = all_events(&api_b);
+        if light_seqs(&events).contains_key(&NOTIFICATIONS)
+            || started.elapsed() > Duration::from_secs(60)
+        {
+            break events;
+        }
+        dev.settle(Duration::from_millis(200));
+    };
     let seqs = light_seqs(&events);
     let lost: Vec<u64> = (1..=NOTIFICATIONS)
         .filter(|s| !seqs.contains_key(s))
