@@ -110,7 +110,7 @@ impl HubMetrics {
 type ReadHub = fn(&HubStats) -> u64;
 
 /// (name, help, read); the `_total` suffix is added by the encoder.
-const HUB_COUNTERS: [(&str, &str, ReadHub); 15] = [
+const HUB_COUNTERS: [(&str, &str, ReadHub); 16] = [
     (
         "hub_sign_ins",
         "devices that went ONLINE (spec §8.1)",
@@ -150,6 +150,11 @@ const HUB_COUNTERS: [(&str, &str, ReadHub); 15] = [
         "hub_store_commits",
         "write transactions of the embedded hub's store (group commits)",
         |s| s.store_commits.load(Ordering::Relaxed),
+    ),
+    (
+        "hub_store_checkpoints",
+        "durable redb commits of the embedded hub's store (group commits in between are durable in its write-ahead log)",
+        |s| s.store_checkpoints.load(Ordering::Relaxed),
     ),
     (
         "hub_store_records",

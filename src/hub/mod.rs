@@ -20,6 +20,7 @@ pub mod nats;
 pub mod stats;
 pub mod store;
 pub mod twin;
+mod wal;
 
 use std::borrow::Cow;
 use std::fmt;

@@ -47,6 +47,9 @@ pub struct HubStats {
     pub store_commits: AtomicU64,
     /// Records (device, link, twin, command, event) those commits wrote.
     pub store_records: AtomicU64,
+    /// Durable redb commits of the embedded hub's store (checkpoints);
+    /// group commits in between are durable in its write-ahead log.
+    pub store_checkpoints: AtomicU64,
     /// Commits that failed (their changes are in memory only).
     pub store_errors: AtomicU64,
     /// Times a hub call found the store's queue full and waited for the

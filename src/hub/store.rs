@@ -11,6 +11,13 @@
 //! the last commit interval of them, and the device resyncs its twin on
 //! its next sign-in, spec §6.5).
 //!
+//! A group commit is durable once its frame is in the write-ahead log
+//! ([`super::wal`], `<data_dir>/hub.wal`); its rows then go to redb in a
+//! non-durable transaction, and a durable redb commit (a checkpoint)
+//! follows every [`StoreSettings::checkpoint_interval`], when the log is
+//! full, when the persister is idle, and at close. Opening replays the
+//! frames written after the last checkpoint.
+//!
 //! The persister is the IO side: it times its group commits with the
 //! monotonic clock.
 #![allow(clippy::disallowed_methods)]
@@ -29,6 +36,7 @@ use rkyv::util::AlignedVec;
 
 use super::stats::{HubStats, STATUSES};
 use super::twin::{Content, Operation, ResourceState, Status, TwinState, TwinSync};
+use super::wal::Wal;
 use super::{
     AuthContext, Command, CommandKind, CommandOutcome, ConnectionStatus, DeviceRecord, Event,
     EventKind, HubError, Protocol, StoredLink,
@@ -37,6 +45,11 @@ use crate::ocf::rd::Policy;
 
 /// The file in the data directory.
 pub const FILE_NAME: &str = "hub.redb";
+/// The write-ahead log next to it.
+pub const WAL_FILE_NAME: &str = "hub.wal";
+/// The log's size at most: a group commit that would not fit is a
+/// checkpoint instead. Also what opening reads at most.
+const WAL_LIMIT: u64 = 32 << 20;
 
 /// Bumped when a record's layout changes: an older file is refused rather
 /// than misread.
@@ -73,6 +86,10 @@ pub struct StoreSettings {
     pub commit_interval: Duration,
     /// A commit holds at most this many of the hub's call batches.
     pub max_batch: usize,
+    /// Time between durable redb commits (checkpoints) while changes
+    /// keep coming; in between, the write-ahead log holds them. Each costs
+    /// a few milliseconds of writes, so not every group commit.
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for StoreSettings {
@@ -81,6 +98,7 @@ impl Default for StoreSettings {
             event_retention: 100_000,
             commit_interval: Duration::from_millis(2),
             max_batch: 4096,
+            checkpoint_interval: Duration::from_secs(5),
         }
     }
 }
@@ -303,8 +321,30 @@ impl Store {
             message,
         };
         init(&db).map_err(corrupt)?;
-        let loaded = load(&db).map_err(corrupt)?;
+        let gen = wal_gen(&db).map_err(corrupt)?;
+        let wal_path = dir.join(WAL_FILE_NAME);
+        let (mut wal, frames) =
+            Wal::open(&wal_path, gen, WAL_LIMIT).map_err(|e| StoreError::Open {
+                path: wal_path.clone(),
+                message: e.to_string(),
+            })?;
+        // Always a new generation, in a durable commit with the replayed
+        // rows: whatever the log file holds is stale from here on.
         let first_event = first_event(&db).map_err(corrupt)?;
+        let first_event = replay(&db, &frames, gen + 1, first_event, settings.event_retention)
+            .map_err(|message| StoreError::Corrupt {
+                path: wal_path.clone(),
+                message,
+            })?;
+        wal.reset(gen + 1);
+        if !frames.is_empty() {
+            tracing::info!(
+                path = %wal_path.display(),
+                group_commits = frames.len(),
+                "replayed the hub's write-ahead log"
+            );
+        }
+        let loaded = load(&db).map_err(corrupt)?;
         let (tx, rx) = flume::bounded(QUEUE_BATCHES);
         let shared = Arc::new(Shared {
             progress: Mutex::new(Progress::default()),
@@ -319,7 +359,10 @@ impl Store {
             shared: shared.clone(),
             settings,
             first_event,
-            buf: AlignedVec::new(),
+            wal,
+            gen: gen + 1,
+            checkpointed: Instant::now(),
+            dirty: false,
         };
         let thread = std::thread::Builder::new()
             .name("hub-store".into())
@@ -531,6 +574,223 @@ fn first_event(db: &Database) -> Result<Option<u64>, String> {
     Ok(first.map(|(k, _)| k.value()))
 }
 
+/// The write-ahead log's generation that redb's last checkpoint recorded
+/// (0 in a file that never had one).
+fn wal_gen(db: &Database) -> Result<u64, String> {
+    let txn = db.begin_read().map_err(err("begin"))?;
+    let meta = txn.open_table(META).map_err(err("meta"))?;
+    let gen = meta.get("wal_gen").map_err(err("meta"))?.map(|v| v.value());
+    Ok(gen.unwrap_or(0))
+}
+
+/// Applies the log's frames to redb and records generation `gen`, in one
+/// durable commit; the oldest event after it.
+fn replay(
+    db: &Database,
+    frames: &[Vec<u8>],
+    gen: u64,
+    first_event: Option<u64>,
+    retention: u64,
+) -> Result<Option<u64>, String> {
+    let txn = db.begin_write().map_err(err("begin"))?;
+    let mut first = first_event;
+    let mut buf: AlignedVec = AlignedVec::new();
+    for (i, frame) in frames.iter().enumerate() {
+        buf.clear();
+        buf.extend_from_slice(frame);
+        let rows = rkyv::from_bytes::<Vec<Row>, rancor::Error>(&buf)
+            .map_err(|e| format!("frame {i} of the write-ahead log is undecodable ({e})"))?;
+        first = apply_rows(&txn, &rows, first, retention)?;
+    }
+    txn.open_table(META)
+        .map_err(err("meta"))?
+        .insert("wal_gen", gen)
+        .map_err(err("meta"))?;
+    txn.commit().map_err(err("commit"))?;
+    Ok(first)
+}
+
+/// redb tables of [`Row`] (`devices` has no second key part).
+const T_DEVICES: u8 = 0;
+const T_LINKS: u8 = 1;
+const T_RESOURCES: u8 = 2;
+const T_COMMANDS: u8 = 3;
+
+/// One write to a redb table, with its record already encoded: what a
+/// group commit is made of, in the write-ahead log and in redb alike.
+/// Each is a blind write (a put, a delete, or the delete of a device's
+/// rows), so applying a log that redb already holds changes nothing.
+#[derive(Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+enum Row {
+    Put {
+        table: u8,
+        key: String,
+        sub: String,
+        value: Vec<u8>,
+    },
+    Remove {
+        table: u8,
+        key: String,
+        sub: String,
+    },
+    /// The device with its links, twin and commands.
+    RemoveDevice {
+        key: String,
+    },
+    Event {
+        seq: u64,
+        value: Vec<u8>,
+    },
+}
+
+/// The rows of the ops of `batches`, in order.
+fn rows_of(batches: &[(u64, Vec<Op>)]) -> Result<Vec<Row>, String> {
+    let put = |table: u8, key: &str, sub: &str, value: AlignedVec| Row::Put {
+        table,
+        key: key.to_owned(),
+        sub: sub.to_owned(),
+        value: value.to_vec(),
+    };
+    let remove = |table: u8, key: &str, sub: &str| Row::Remove {
+        table,
+        key: key.to_owned(),
+        sub: sub.to_owned(),
+    };
+    let mut rows = Vec::new();
+    for op in batches.iter().flat_map(|b| b.1.iter()) {
+        rows.push(match op {
+            Op::PutDevice { key, device } => {
+                put(T_DEVICES, key, "", encode(&DeviceRec::from(device))?)
+            }
+            Op::DeleteDevice { key } => Row::RemoveDevice { key: key.clone() },
+            Op::PutLink { key, link } => {
+                put(T_LINKS, key, &link.href, encode(&LinkRec::from(link))?)
+            }
+            Op::DeleteLink { key, href } => remove(T_LINKS, key, href),
+            Op::PutResource { key, state } => put(
+                T_RESOURCES,
+                key,
+                &state.href,
+                encode(&ResourceRec::from(state))?,
+            ),
+            Op::DeleteResource { key, href } => remove(T_RESOURCES, key, href),
+            Op::PutCommand {
+                key,
+                order,
+                sent,
+                command,
+            } => put(
+                T_COMMANDS,
+                key,
+                &command.correlation_id,
+                encode(&CommandRec::new(*order, *sent, command))?,
+            ),
+            Op::DeleteCommand {
+                key,
+                correlation_id,
+            } => remove(T_COMMANDS, key, correlation_id),
+            Op::Event(event) => Row::Event {
+                seq: event.seq,
+                value: encode(&EventRec::from(event.as_ref()))?.to_vec(),
+            },
+            Op::Notify(..) => continue,
+        });
+    }
+    Ok(rows)
+}
+
+/// Writes `rows` in `txn` and keeps the newest `retention` events; the
+/// oldest event after it (`first_event` is the oldest before).
+fn apply_rows(
+    txn: &redb::WriteTransaction,
+    rows: &[Row],
+    first_event: Option<u64>,
+    retention: u64,
+) -> Result<Option<u64>, String> {
+    let mut devices = txn.open_table(DEVICES).map_err(err("devices"))?;
+    let mut links = txn.open_table(LINKS).map_err(err("links"))?;
+    let mut resources = txn.open_table(RESOURCES).map_err(err("resources"))?;
+    let mut commands = txn.open_table(COMMANDS).map_err(err("commands"))?;
+    let mut events = txn.open_table(EVENTS).map_err(err("events"))?;
+    let mut first = first_event;
+    let mut last_event = None;
+    for row in rows {
+        let pair = |table: u8| match table {
+            T_LINKS => Ok("links"),
+            T_RESOURCES => Ok("resources"),
+            T_COMMANDS => Ok("commands"),
+            other => Err(format!("a row for no table ({other})")),
+        };
+        match row {
+            Row::Put {
+                table: T_DEVICES,
+                key,
+                value,
+                ..
+            } => {
+                devices
+                    .insert(key.as_str(), value.as_slice())
+                    .map_err(err("devices"))?;
+            }
+            Row::Remove {
+                table: T_DEVICES,
+                key,
+                ..
+            }
+            | Row::RemoveDevice { key } => {
+                devices.remove(key.as_str()).map_err(err("devices"))?;
+                if matches!(row, Row::RemoveDevice { .. }) {
+                    remove_device_rows(&mut links, key).map_err(err("links"))?;
+                    remove_device_rows(&mut resources, key).map_err(err("resources"))?;
+                    remove_device_rows(&mut commands, key).map_err(err("commands"))?;
+                }
+            }
+            Row::Put {
+                table,
+                key,
+                sub,
+                value,
+            } => {
+                let name = pair(*table)?;
+                let t = match *table {
+                    T_LINKS => &mut links,
+                    T_RESOURCES => &mut resources,
+                    _ => &mut commands,
+                };
+                t.insert((key.as_str(), sub.as_str()), value.as_slice())
+                    .map_err(err(name))?;
+            }
+            Row::Remove { table, key, sub } => {
+                let name = pair(*table)?;
+                let t = match *table {
+                    T_LINKS => &mut links,
+                    T_RESOURCES => &mut resources,
+                    _ => &mut commands,
+                };
+                t.remove((key.as_str(), sub.as_str())).map_err(err(name))?;
+            }
+            Row::Event { seq, value } => {
+                events
+                    .insert(*seq, value.as_slice())
+                    .map_err(err("events"))?;
+                last_event = Some(*seq);
+                first.get_or_insert(*seq);
+            }
+        }
+    }
+    // Bounded retention: keep the newest `retention` events.
+    if let (Some(last), Some(oldest)) = (last_event, first) {
+        let keep_from = last.saturating_sub(retention.max(1) - 1);
+        if oldest < keep_from {
+            events
+                .retain_in(oldest..keep_from, |_, _| false)
+                .map_err(err("events"))?;
+        }
+        first = Some(oldest.max(keep_from));
+    }
+    Ok(first)
+}
+
 /// The events of `owner` with a seq above `after`, oldest first, at most
 /// `limit`.
 fn read_events(db: &Database, owner: &str, after: u64, limit: usize) -> Result<Vec<Event>, String> {
@@ -594,7 +854,13 @@ struct Persister {
     settings: StoreSettings,
     /// The oldest event in the file, for retention.
     first_event: Option<u64>,
-    buf: AlignedVec,
+    wal: Wal,
+    /// The log's generation; the next checkpoint records the one after.
+    gen: u64,
+    /// When the last checkpoint was made.
+    checkpointed: Instant,
+    /// Group commits since it (in the log and in redb, non-durably).
+    dirty: bool,
 }
 
 /// Marks the store stopped when the persister ends, even by a panic, so
@@ -612,9 +878,28 @@ impl Persister {
     fn run(mut self) {
         let _stopped = StoppedOnDrop(self.shared.clone());
         loop {
-            let first = match self.rx.recv() {
+            // While the log holds group commits, an idle persister
+            // checkpoints when the interval is over.
+            let next = if self.dirty {
+                match self
+                    .rx
+                    .recv_deadline(self.checkpointed + self.settings.checkpoint_interval)
+                {
+                    Err(flume::RecvTimeoutError::Timeout) => {
+                        self.checkpoint();
+                        continue;
+                    }
+                    other => other.map_err(|_| ()),
+                }
+            } else {
+                self.rx.recv().map_err(|_| ())
+            };
+            let first = match next {
                 Ok(Msg::Batch { seq, ops, urgent }) => (seq, ops, urgent),
-                Ok(Msg::Stop) | Err(_) => return,
+                Ok(Msg::Stop) | Err(()) => {
+                    self.checkpoint();
+                    return;
+                }
                 Ok(Msg::Abandon) => return,
             };
             let mut urgent = first.2;
@@ -657,6 +942,7 @@ impl Persister {
             }
             self.commit(batches);
             if stop {
+                self.checkpoint();
                 return;
             }
         }
@@ -712,104 +998,71 @@ impl Persister {
         }
     }
 
+    /// One group commit: durable in the log, then in redb without a
+    /// flush; a checkpoint instead when one is due or the log is full.
     fn write(&mut self, batches: &[(u64, Vec<Op>)]) -> Result<(), String> {
-        let txn = self.db.begin_write().map_err(err("begin"))?;
-        let mut last_event = None;
+        let rows = rows_of(batches)?;
+        let frame = rkyv::to_bytes::<rancor::Error>(&rows).map_err(err("encode"))?;
+        if self.wal.fits(frame.len())
+            && self.checkpointed.elapsed() < self.settings.checkpoint_interval
         {
-            let mut devices = txn.open_table(DEVICES).map_err(err("devices"))?;
-            let mut links = txn.open_table(LINKS).map_err(err("links"))?;
-            let mut resources = txn.open_table(RESOURCES).map_err(err("resources"))?;
-            let mut commands = txn.open_table(COMMANDS).map_err(err("commands"))?;
-            let mut events = txn.open_table(EVENTS).map_err(err("events"))?;
-            for op in batches.iter().flat_map(|b| b.1.iter()) {
-                match op {
-                    Op::PutDevice { key, device } => {
-                        let bytes = encode(&DeviceRec::from(device))?;
-                        devices
-                            .insert(key.as_str(), bytes.as_slice())
-                            .map_err(err("devices"))?;
-                    }
-                    Op::DeleteDevice { key } => {
-                        devices.remove(key.as_str()).map_err(err("devices"))?;
-                        remove_device_rows(&mut links, key).map_err(err("links"))?;
-                        remove_device_rows(&mut resources, key).map_err(err("resources"))?;
-                        remove_device_rows(&mut commands, key).map_err(err("commands"))?;
-                    }
-                    Op::PutLink { key, link } => {
-                        let bytes = encode(&LinkRec::from(link))?;
-                        links
-                            .insert((key.as_str(), link.href.as_str()), bytes.as_slice())
-                            .map_err(err("links"))?;
-                    }
-                    Op::DeleteLink { key, href } => {
-                        links
-                            .remove((key.as_str(), href.as_str()))
-                            .map_err(err("links"))?;
-                    }
-                    Op::PutResource { key, state } => {
-                        let bytes = encode(&ResourceRec::from(state))?;
-                        resources
-                            .insert((key.as_str(), state.href.as_str()), bytes.as_slice())
-                            .map_err(err("resources"))?;
-                    }
-                    Op::DeleteResource { key, href } => {
-                        resources
-                            .remove((key.as_str(), href.as_str()))
-                            .map_err(err("resources"))?;
-                    }
-                    Op::PutCommand {
-                        key,
-                        order,
-                        sent,
-                        command,
-                    } => {
-                        let bytes = encode(&CommandRec::new(*order, *sent, command))?;
-                        commands
-                            .insert(
-                                (key.as_str(), command.correlation_id.as_str()),
-                                bytes.as_slice(),
-                            )
-                            .map_err(err("commands"))?;
-                    }
-                    Op::DeleteCommand {
-                        key,
-                        correlation_id,
-                    } => {
-                        commands
-                            .remove((key.as_str(), correlation_id.as_str()))
-                            .map_err(err("commands"))?;
-                    }
-                    Op::Event(event) => {
-                        let bytes = encode(&EventRec::from(event.as_ref()))?;
-                        events
-                            .insert(event.seq, bytes.as_slice())
-                            .map_err(err("events"))?;
-                        last_event = Some(event.seq);
-                        if self.first_event.is_none() {
-                            self.first_event = Some(event.seq);
-                        }
-                    }
-                    Op::Notify(..) => {}
-                }
-            }
-            // Bounded retention: keep the newest `event_retention` events.
-            if let (Some(last), Some(first)) = (last_event, self.first_event) {
-                let keep_from = last.saturating_sub(self.settings.event_retention.max(1) - 1);
-                if first < keep_from {
-                    events
-                        .retain_in(first..keep_from, |_, _| false)
-                        .map_err(err("events"))?;
-                }
-            }
+            self.wal.append(&frame).map_err(err("write-ahead log"))?;
+            self.apply(&rows, false)
+        } else {
+            self.apply(&rows, true)
         }
+    }
+
+    /// Writes `rows` to redb: non-durably (the log holds them), or as a
+    /// checkpoint, a durable commit that records the log's next
+    /// generation and so empties the log.
+    fn apply(&mut self, rows: &[Row], checkpoint: bool) -> Result<(), String> {
+        let mut txn = self.db.begin_write().map_err(err("begin"))?;
+        if checkpoint {
+            txn.open_table(META)
+                .map_err(err("meta"))?
+                .insert("wal_gen", self.gen + 1)
+                .map_err(err("meta"))?;
+        } else {
+            txn.set_durability(redb::Durability::None)
+                .map_err(err("durability"))?;
+        }
+        let first = apply_rows(&txn, rows, self.first_event, self.settings.event_retention)?;
         txn.commit().map_err(err("commit"))?;
-        if let (Some(last), Some(first)) = (last_event, self.first_event) {
-            let keep_from = last.saturating_sub(self.settings.event_retention.max(1) - 1);
-            self.first_event = Some(first.max(keep_from));
+        self.first_event = first;
+        if checkpoint {
+            self.gen += 1;
+            self.wal.reset(self.gen);
+            self.checkpointed = Instant::now();
+            self.dirty = false;
+            self.shared
+                .stats
+                .store_checkpoints
+                .fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.dirty = true;
         }
-        // The buffer is for reads; keep it small between commits.
-        self.buf = AlignedVec::new();
         Ok(())
+    }
+
+    /// A checkpoint with nothing new, when the log holds group commits.
+    fn checkpoint(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        if let Err(e) = self.apply(&[], true) {
+            // The log still holds everything: nothing is lost, the log
+            // only grows until a later checkpoint succeeds.
+            self.shared
+                .stats
+                .store_errors
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                log = %self.wal.path().display(),
+                log_bytes = self.wal.used(),
+                "the hub store could not checkpoint: {e}"
+            );
+        }
     }
 }
 

@@ -473,3 +473,126 @@ fn a_closed_store_makes_api_changes_unavailable_and_takes_a_command_back() {
     hub.set_online(&c, online(1)).unwrap();
     assert!(hub.device("alice", D).unwrap().status.online);
 }
+
+/// No time-based checkpoint within a test.
+fn no_checkpoints() -> StoreSettings {
+    StoreSettings {
+        checkpoint_interval: Duration::from_secs(3600),
+        ..slow()
+    }
+}
+
+/// API changes, then a crash; the redb file is put back as it was at the
+/// last checkpoint (what a power loss leaves of its non-durable commits),
+/// and the log is kept or not. The hub reopened on them.
+fn reopened_from_the_last_checkpoint(keep_log: bool) -> (MemoryHub, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let redb = dir.path().join(super::FILE_NAME);
+    let c = ctx("alice", D);
+    {
+        let hub = MemoryHub::open_with(dir.path(), no_checkpoints()).unwrap();
+        // Opening is a checkpoint.
+        let at_checkpoint = std::fs::read(&redb).unwrap();
+        hub.add_device(&c).unwrap();
+        hub.publish(&c, vec![link(D, "/a"), link(D, "/b")]).unwrap();
+        hub.set_online(&c, online(1)).unwrap();
+        hub.resources_changed(&c, ConnectionRef(1), vec![change("/a", b"1", 1)])
+            .unwrap();
+        hub.submit_command("alice", command(D, "one", "/a"))
+            .unwrap();
+        hub.submit_command("alice", command(D, "two", "/b"))
+            .unwrap();
+        hub.cancel_command("alice", D, "one").unwrap();
+        assert_eq!(hub.stats().store_checkpoints.load(Ordering::Relaxed), 0);
+        hub.abandon();
+        std::fs::write(&redb, at_checkpoint).unwrap();
+    }
+    let log = dir.path().join(super::WAL_FILE_NAME);
+    assert!(std::fs::metadata(&log).unwrap().len() > 0);
+    if !keep_log {
+        std::fs::remove_file(&log).unwrap();
+    }
+    (
+        MemoryHub::open_with(dir.path(), no_checkpoints()).unwrap(),
+        dir,
+    )
+}
+
+#[test]
+fn the_write_ahead_log_holds_what_the_api_was_told_since_the_last_checkpoint() {
+    let (hub, dir) = reopened_from_the_last_checkpoint(true);
+    assert!(hub.owns("alice", D));
+    let links = hub.links("alice", &[], &[], 0);
+    assert_eq!(links[0].1.len(), 2);
+    // The device change went to disk with the API calls after it.
+    assert_eq!(hub.resources("alice", D).unwrap().len(), 1);
+    let pending: Vec<String> = hub
+        .pending_commands("alice", D)
+        .unwrap()
+        .into_iter()
+        .map(|c| c.correlation_id)
+        .collect();
+    assert_eq!(pending, ["two"]);
+    let names: Vec<&str> = hub
+        .events_after("alice", 0, 100)
+        .unwrap()
+        .iter()
+        .map(|e| e.kind.name())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "device_registered",
+            "links_published",
+            "online",
+            "resource_changed",
+            "command_pending",
+            "command_pending",
+            "command_canceled",
+            "offline"
+        ]
+    );
+    // Replayed once: a second crash and reopen reads the same.
+    hub.abandon();
+    let hub = MemoryHub::open_with(dir.path(), no_checkpoints()).unwrap();
+    assert_eq!(hub.pending_commands("alice", D).unwrap().len(), 1);
+    assert_eq!(hub.events_after("alice", 0, 100).unwrap().len(), 8);
+}
+
+#[test]
+fn without_the_write_ahead_log_the_changes_since_the_checkpoint_are_gone() {
+    // The control of the test above: the log, not redb, held them.
+    let (hub, _dir) = reopened_from_the_last_checkpoint(false);
+    assert!(!hub.owns("alice", D));
+    assert!(hub.events_after("alice", 0, 100).unwrap().is_empty());
+}
+
+#[test]
+fn an_idle_store_checkpoints_and_redb_alone_then_holds_the_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = StoreSettings {
+        checkpoint_interval: Duration::from_millis(50),
+        ..slow()
+    };
+    let hub = MemoryHub::open_with(dir.path(), settings).unwrap();
+    let c = ctx("alice", D);
+    hub.add_device(&c).unwrap();
+    hub.submit_command("alice", command(D, "one", "/a"))
+        .unwrap();
+    let stats = hub.stats();
+    let started = std::time::Instant::now();
+    while stats.store_checkpoints.load(Ordering::Relaxed) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no checkpoint while idle"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let redb = std::fs::read(dir.path().join(super::FILE_NAME)).unwrap();
+    hub.abandon();
+    std::fs::write(dir.path().join(super::FILE_NAME), redb).unwrap();
+    std::fs::remove_file(dir.path().join(super::WAL_FILE_NAME)).unwrap();
+    let hub = MemoryHub::open_with(dir.path(), settings).unwrap();
+    assert!(hub.owns("alice", D));
+    assert_eq!(hub.pending_commands("alice", D).unwrap().len(), 1);
+}
