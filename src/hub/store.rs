@@ -363,6 +363,7 @@ impl Store {
             gen: gen + 1,
             checkpointed: Instant::now(),
             dirty: false,
+            broken: false,
         };
         let thread = std::thread::Builder::new()
             .name("hub-store".into())
@@ -861,6 +862,19 @@ struct Persister {
     checkpointed: Instant,
     /// Group commits since it (in the log and in redb, non-durably).
     dirty: bool,
+    /// redb failed to take a group commit that is in the log: no more
+    /// commits or checkpoints (see [`Failed::Apply`]).
+    broken: bool,
+}
+
+/// How a group commit failed.
+enum Failed {
+    /// Nothing of it is durable: its waiters are told so.
+    Nothing(String),
+    /// It is in the write-ahead log but redb did not take it: a
+    /// checkpoint now would drop it, so the persister stops and the next
+    /// start replays the log.
+    Apply(String),
 }
 
 /// Marks the store stopped when the persister ends, even by a panic, so
@@ -941,6 +955,9 @@ impl Persister {
                 return;
             }
             self.commit(batches);
+            if self.broken {
+                return;
+            }
             if stop {
                 self.checkpoint();
                 return;
@@ -948,19 +965,38 @@ impl Persister {
         }
     }
 
-    fn commit(&mut self, batches: Vec<(u64, Vec<Op>)>) {
+    fn commit(&mut self, mut batches: Vec<(u64, Vec<Op>)>) {
         let from = batches.first().map_or(0, |b| b.0);
         let to = batches.last().map_or(0, |b| b.0);
-        let records = batches
-            .iter()
-            .flat_map(|b| b.1.iter())
-            .filter(|op| op.is_record())
-            .count() as u64;
-        let result = if batches.iter().all(|b| b.1.is_empty()) {
+        // Outcomes are not records: they go to their issuers once the
+        // records before them are durable.
+        let mut outcomes = Vec::new();
+        for (_, ops) in &mut batches {
+            if ops.iter().any(|op| !op.is_record()) {
+                let (records, notes): (Vec<Op>, Vec<Op>) =
+                    std::mem::take(ops).into_iter().partition(Op::is_record);
+                *ops = records;
+                outcomes.extend(notes);
+            }
+        }
+        let records = batches.iter().map(|b| b.1.len()).sum::<usize>() as u64;
+        let mut outcomes = Some(outcomes);
+        let mut tell = || {
+            for op in outcomes.take().into_iter().flatten() {
+                if let Op::Notify(waiter, outcome) = op {
+                    let _ = waiter.send(outcome);
+                }
+            }
+        };
+        let result = if records == 0 {
+            tell();
             Ok(())
         } else {
-            self.write(&batches)
+            self.write(&batches, &mut tell)
         };
+        // After a failed commit the issuers' receivers disconnect (they
+        // cannot be told an answer that is not recorded).
+        drop(tell);
         let stats = &self.shared.stats;
         match &result {
             Ok(()) if records == 0 => {}
@@ -968,15 +1004,25 @@ impl Persister {
                 stats.store_commits.fetch_add(1, Ordering::Relaxed);
                 stats.store_records.fetch_add(records, Ordering::Relaxed);
             }
-            Err(e) => {
+            Err(Failed::Nothing(e)) => {
                 stats.store_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!("the hub store could not commit {records} records: {e}");
+            }
+            Err(Failed::Apply(e)) => {
+                stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    log = %self.wal.path().display(),
+                    "the hub store could not apply {records} records from its write-ahead log \
+                     to redb: {e}; it stops recording (later changes stay in memory) and \
+                     the next start replays the log"
+                );
+                self.broken = true;
             }
         }
         {
             let mut progress = self.shared.progress();
             progress.done = progress.done.max(to);
-            if result.is_err() {
+            if matches!(result, Err(Failed::Nothing(_))) {
                 progress.failed.push_back((from, to));
                 while progress.failed.len() > FAILED_KEPT {
                     progress.failed.pop_front();
@@ -984,32 +1030,33 @@ impl Persister {
             }
         }
         self.shared.changed.notify_all();
-        // Outcomes go to their issuers only once their records are on
-        // disk; after a failed commit the issuer's receiver disconnects
-        // (it cannot be told an answer that is not recorded).
-        if result.is_ok() {
-            for (_, ops) in batches {
-                for op in ops {
-                    if let Op::Notify(waiter, outcome) = op {
-                        let _ = waiter.send(outcome);
-                    }
-                }
-            }
-        }
     }
 
-    /// One group commit: durable in the log, then in redb without a
+    /// One group commit: durable in the log (then `durable` runs, so that
+    /// an issuer does not wait for redb too), then in redb without a
     /// flush; a checkpoint instead when one is due or the log is full.
-    fn write(&mut self, batches: &[(u64, Vec<Op>)]) -> Result<(), String> {
-        let rows = rows_of(batches)?;
-        let frame = rkyv::to_bytes::<rancor::Error>(&rows).map_err(err("encode"))?;
+    fn write(
+        &mut self,
+        batches: &[(u64, Vec<Op>)],
+        durable: &mut dyn FnMut(),
+    ) -> Result<(), Failed> {
+        let rows = rows_of(batches).map_err(Failed::Nothing)?;
+        let frame = rkyv::to_bytes::<rancor::Error>(&rows)
+            .map_err(err("encode"))
+            .map_err(Failed::Nothing)?;
         if self.wal.fits(frame.len())
             && self.checkpointed.elapsed() < self.settings.checkpoint_interval
         {
-            self.wal.append(&frame).map_err(err("write-ahead log"))?;
-            self.apply(&rows, false)
+            self.wal
+                .append(&frame)
+                .map_err(err("write-ahead log"))
+                .map_err(Failed::Nothing)?;
+            durable();
+            self.apply(&rows, false).map_err(Failed::Apply)
         } else {
-            self.apply(&rows, true)
+            self.apply(&rows, true).map_err(Failed::Nothing)?;
+            durable();
+            Ok(())
         }
     }
 
@@ -1047,7 +1094,7 @@ impl Persister {
 
     /// A checkpoint with nothing new, when the log holds group commits.
     fn checkpoint(&mut self) {
-        if !self.dirty {
+        if !self.dirty || self.broken {
             return;
         }
         if let Err(e) = self.apply(&[], true) {
