@@ -996,7 +996,7 @@ impl Persister {
         };
         // After a failed commit the issuers' receivers disconnect (they
         // cannot be told an answer that is not recorded).
-        drop(tell);
+        drop(outcomes);
         let stats = &self.shared.stats;
         match &result {
             Ok(()) if records == 0 => {}
