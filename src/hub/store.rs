@@ -611,11 +611,13 @@ fn replay(
     Ok(first)
 }
 
-/// redb tables of [`Row`] (`devices` has no second key part).
-const T_DEVICES: u8 = 0;
-const T_LINKS: u8 = 1;
-const T_RESOURCES: u8 = 2;
-const T_COMMANDS: u8 = 3;
+/// The redb tables keyed by (device key, second part).
+#[derive(Debug, Clone, Copy, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+enum Pair {
+    Links,
+    Resources,
+    Commands,
+}
 
 /// One write to a redb table, with its record already encoded: what a
 /// group commit is made of, in the write-ahead log and in redb alike.
@@ -623,20 +625,24 @@ const T_COMMANDS: u8 = 3;
 /// rows), so applying a log that redb already holds changes nothing.
 #[derive(Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 enum Row {
+    PutDevice {
+        key: String,
+        value: Vec<u8>,
+    },
+    /// The device with its links, twin and commands.
+    RemoveDevice {
+        key: String,
+    },
     Put {
-        table: u8,
+        table: Pair,
         key: String,
         sub: String,
         value: Vec<u8>,
     },
     Remove {
-        table: u8,
+        table: Pair,
         key: String,
         sub: String,
-    },
-    /// The device with its links, twin and commands.
-    RemoveDevice {
-        key: String,
     },
     Event {
         seq: u64,
@@ -646,13 +652,13 @@ enum Row {
 
 /// The rows of the ops of `batches`, in order.
 fn rows_of(batches: &[(u64, Vec<Op>)]) -> Result<Vec<Row>, String> {
-    let put = |table: u8, key: &str, sub: &str, value: AlignedVec| Row::Put {
+    let put = |table: Pair, key: &str, sub: &str, value: AlignedVec| Row::Put {
         table,
         key: key.to_owned(),
         sub: sub.to_owned(),
         value: value.to_vec(),
     };
-    let remove = |table: u8, key: &str, sub: &str| Row::Remove {
+    let remove = |table: Pair, key: &str, sub: &str| Row::Remove {
         table,
         key: key.to_owned(),
         sub: sub.to_owned(),
@@ -660,28 +666,29 @@ fn rows_of(batches: &[(u64, Vec<Op>)]) -> Result<Vec<Row>, String> {
     let mut rows = Vec::new();
     for op in batches.iter().flat_map(|b| b.1.iter()) {
         rows.push(match op {
-            Op::PutDevice { key, device } => {
-                put(T_DEVICES, key, "", encode(&DeviceRec::from(device))?)
-            }
+            Op::PutDevice { key, device } => Row::PutDevice {
+                key: key.clone(),
+                value: encode(&DeviceRec::from(device))?.to_vec(),
+            },
             Op::DeleteDevice { key } => Row::RemoveDevice { key: key.clone() },
             Op::PutLink { key, link } => {
-                put(T_LINKS, key, &link.href, encode(&LinkRec::from(link))?)
+                put(Pair::Links, key, &link.href, encode(&LinkRec::from(link))?)
             }
-            Op::DeleteLink { key, href } => remove(T_LINKS, key, href),
+            Op::DeleteLink { key, href } => remove(Pair::Links, key, href),
             Op::PutResource { key, state } => put(
-                T_RESOURCES,
+                Pair::Resources,
                 key,
                 &state.href,
                 encode(&ResourceRec::from(state))?,
             ),
-            Op::DeleteResource { key, href } => remove(T_RESOURCES, key, href),
+            Op::DeleteResource { key, href } => remove(Pair::Resources, key, href),
             Op::PutCommand {
                 key,
                 order,
                 sent,
                 command,
             } => put(
-                T_COMMANDS,
+                Pair::Commands,
                 key,
                 &command.correlation_id,
                 encode(&CommandRec::new(*order, *sent, command))?,
@@ -689,7 +696,7 @@ fn rows_of(batches: &[(u64, Vec<Op>)]) -> Result<Vec<Row>, String> {
             Op::DeleteCommand {
                 key,
                 correlation_id,
-            } => remove(T_COMMANDS, key, correlation_id),
+            } => remove(Pair::Commands, key, correlation_id),
             Op::Event(event) => Row::Event {
                 seq: event.seq,
                 value: encode(&EventRec::from(event.as_ref()))?.to_vec(),
@@ -716,35 +723,17 @@ fn apply_rows(
     let mut first = first_event;
     let mut last_event = None;
     for row in rows {
-        let pair = |table: u8| match table {
-            T_LINKS => Ok("links"),
-            T_RESOURCES => Ok("resources"),
-            T_COMMANDS => Ok("commands"),
-            other => Err(format!("a row for no table ({other})")),
-        };
         match row {
-            Row::Put {
-                table: T_DEVICES,
-                key,
-                value,
-                ..
-            } => {
+            Row::PutDevice { key, value } => {
                 devices
                     .insert(key.as_str(), value.as_slice())
                     .map_err(err("devices"))?;
             }
-            Row::Remove {
-                table: T_DEVICES,
-                key,
-                ..
-            }
-            | Row::RemoveDevice { key } => {
+            Row::RemoveDevice { key } => {
                 devices.remove(key.as_str()).map_err(err("devices"))?;
-                if matches!(row, Row::RemoveDevice { .. }) {
-                    remove_device_rows(&mut links, key).map_err(err("links"))?;
-                    remove_device_rows(&mut resources, key).map_err(err("resources"))?;
-                    remove_device_rows(&mut commands, key).map_err(err("commands"))?;
-                }
+                remove_device_rows(&mut links, key).map_err(err("links"))?;
+                remove_device_rows(&mut resources, key).map_err(err("resources"))?;
+                remove_device_rows(&mut commands, key).map_err(err("commands"))?;
             }
             Row::Put {
                 table,
@@ -752,22 +741,12 @@ fn apply_rows(
                 sub,
                 value,
             } => {
-                let name = pair(*table)?;
-                let t = match *table {
-                    T_LINKS => &mut links,
-                    T_RESOURCES => &mut resources,
-                    _ => &mut commands,
-                };
+                let (t, name) = pick(*table, &mut links, &mut resources, &mut commands);
                 t.insert((key.as_str(), sub.as_str()), value.as_slice())
                     .map_err(err(name))?;
             }
             Row::Remove { table, key, sub } => {
-                let name = pair(*table)?;
-                let t = match *table {
-                    T_LINKS => &mut links,
-                    T_RESOURCES => &mut resources,
-                    _ => &mut commands,
-                };
+                let (t, name) = pick(*table, &mut links, &mut resources, &mut commands);
                 t.remove((key.as_str(), sub.as_str())).map_err(err(name))?;
             }
             Row::Event { seq, value } => {
@@ -891,6 +870,15 @@ impl Drop for StoppedOnDrop {
 impl Persister {
     fn run(mut self) {
         let _stopped = StoppedOnDrop(self.shared.clone());
+        // A clean stop leaves redb holding everything (the log empty);
+        // after an abandon or a broken commit the log is what remains.
+        if self.serve() {
+            self.checkpoint();
+        }
+    }
+
+    /// Commits until told to stop: true for a clean stop.
+    fn serve(&mut self) -> bool {
         loop {
             // While the log holds group commits, an idle persister
             // checkpoints when the interval is over.
@@ -910,11 +898,8 @@ impl Persister {
             };
             let first = match next {
                 Ok(Msg::Batch { seq, ops, urgent }) => (seq, ops, urgent),
-                Ok(Msg::Stop) | Err(()) => {
-                    self.checkpoint();
-                    return;
-                }
-                Ok(Msg::Abandon) => return,
+                Ok(Msg::Stop) | Err(()) => return true,
+                Ok(Msg::Abandon) => return false,
             };
             let mut urgent = first.2;
             let mut batches = vec![(first.0, first.1)];
@@ -947,20 +932,19 @@ impl Persister {
                         stop = true;
                         break;
                     }
-                    Ok(Msg::Abandon) => return,
+                    Ok(Msg::Abandon) => return false,
                     Err(flume::RecvTimeoutError::Timeout) => break,
                 }
             }
             if self.shared.abandoned.load(Ordering::SeqCst) {
-                return;
+                return false;
             }
             self.commit(batches);
             if self.broken {
-                return;
+                return false;
             }
             if stop {
-                self.checkpoint();
-                return;
+                return true;
             }
         }
     }
@@ -980,23 +964,27 @@ impl Persister {
             }
         }
         let records = batches.iter().map(|b| b.1.len()).sum::<usize>() as u64;
-        let mut outcomes = Some(outcomes);
-        let mut tell = || {
-            for op in outcomes.take().into_iter().flatten() {
-                if let Op::Notify(waiter, outcome) = op {
-                    let _ = waiter.send(outcome);
-                }
-            }
-        };
-        let result = if records == 0 {
-            tell();
-            Ok(())
+        let durable = if records == 0 {
+            Ok(None)
         } else {
-            self.write(&batches, &mut tell)
+            self.make_durable(&batches)
         };
-        // After a failed commit the issuers' receivers disconnect (they
-        // cannot be told an answer that is not recorded).
-        drop(outcomes);
+        let result = match durable {
+            Ok(rest) => {
+                for op in outcomes {
+                    if let Op::Notify(waiter, outcome) = op {
+                        let _ = waiter.send(outcome);
+                    }
+                }
+                // Issuers do not wait for redb too.
+                rest.map_or(Ok(()), |rows| {
+                    self.apply(&rows, false).map_err(Failed::Apply)
+                })
+            }
+            // The issuers' receivers disconnect with `outcomes`: they
+            // cannot be told an answer that is not recorded.
+            Err(e) => Err(Failed::Nothing(e)),
+        };
         let stats = &self.shared.stats;
         match &result {
             Ok(()) if records == 0 => {}
@@ -1032,31 +1020,20 @@ impl Persister {
         self.shared.changed.notify_all();
     }
 
-    /// One group commit: durable in the log (then `durable` runs, so that
-    /// an issuer does not wait for redb too), then in redb without a
-    /// flush; a checkpoint instead when one is due or the log is full.
-    fn write(
-        &mut self,
-        batches: &[(u64, Vec<Op>)],
-        durable: &mut dyn FnMut(),
-    ) -> Result<(), Failed> {
-        let rows = rows_of(batches).map_err(Failed::Nothing)?;
-        let frame = rkyv::to_bytes::<rancor::Error>(&rows)
-            .map_err(err("encode"))
-            .map_err(Failed::Nothing)?;
+    /// Makes one group commit durable: a frame in the log, with its rows
+    /// returned for redb to take non-durably; or, when a checkpoint is due
+    /// or the log is full, a checkpoint that holds them (nothing left).
+    fn make_durable(&mut self, batches: &[(u64, Vec<Op>)]) -> Result<Option<Vec<Row>>, String> {
+        let rows = rows_of(batches)?;
+        let frame = rkyv::to_bytes::<rancor::Error>(&rows).map_err(err("encode"))?;
         if self.wal.fits(frame.len())
             && self.checkpointed.elapsed() < self.settings.checkpoint_interval
         {
-            self.wal
-                .append(&frame)
-                .map_err(err("write-ahead log"))
-                .map_err(Failed::Nothing)?;
-            durable();
-            self.apply(&rows, false).map_err(Failed::Apply)
+            self.wal.append(&frame).map_err(err("write-ahead log"))?;
+            Ok(Some(rows))
         } else {
-            self.apply(&rows, true).map_err(Failed::Nothing)?;
-            durable();
-            Ok(())
+            self.apply(&rows, true)?;
+            Ok(None)
         }
     }
 
@@ -1113,11 +1090,24 @@ impl Persister {
     }
 }
 
+type PairTable<'t> = redb::Table<'t, (&'static str, &'static str), &'static [u8]>;
+
+/// The open table of `pair`, with its name for errors.
+fn pick<'a, 't>(
+    pair: Pair,
+    links: &'a mut PairTable<'t>,
+    resources: &'a mut PairTable<'t>,
+    commands: &'a mut PairTable<'t>,
+) -> (&'a mut PairTable<'t>, &'static str) {
+    match pair {
+        Pair::Links => (links, "links"),
+        Pair::Resources => (resources, "resources"),
+        Pair::Commands => (commands, "commands"),
+    }
+}
+
 /// Removes every (key, _) row of a device.
-fn remove_device_rows(
-    table: &mut redb::Table<'_, (&'static str, &'static str), &'static [u8]>,
-    key: &str,
-) -> Result<(), redb::StorageError> {
+fn remove_device_rows(table: &mut PairTable<'_>, key: &str) -> Result<(), redb::StorageError> {
     let mut doomed = Vec::new();
     for row in table.range((key, "")..)? {
         let (k, _) = row?;
