@@ -279,7 +279,7 @@ impl Measured {
     }
 
     /// The summary lines after each scenario's own first line.
-    pub fn print(&self) {
+    fn print(&self) {
         let p = crate::load::Percentiles::of(&self.latency().total);
         println!(
             "  connect+CSM+GET latency µs p50 {} p99 {} max {}; {} errors",
@@ -320,7 +320,22 @@ impl Measured {
     }
 
     /// The JSON report (SURFACE.md fields and the idle details).
-    pub fn report(&self, spawned_shards: Option<usize>, ctx: &crate::Context) -> serde_json::Value {
+    /// Prints the figures; fails when the gateway died or no device
+    /// connected, else the report.
+    pub fn finish(
+        &self,
+        spawned_shards: Option<usize>,
+        ctx: &crate::Context,
+    ) -> Result<serde_json::Value, crate::Failure> {
+        self.print();
+        crate::check_health(self.health.as_ref())?;
+        if self.connected == 0 {
+            return Err(crate::Failure::Runtime("no device could connect".into()));
+        }
+        Ok(self.report(spawned_shards, ctx))
+    }
+
+    fn report(&self, spawned_shards: Option<usize>, ctx: &crate::Context) -> serde_json::Value {
         use crate::round;
         let latency = self.latency();
         let bytes_per_device = self.bytes_per_device();

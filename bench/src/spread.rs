@@ -628,12 +628,7 @@ pub fn idle_scenario(cli: &Cli, ctx: &Context) -> Result<Value, Failure> {
         rss_after_close,
         health,
     };
-    measured.print();
-    crate::check_health(measured.health.as_ref())?;
-    if connected == 0 {
-        return Err(Failure::Runtime("no device could connect".into()));
-    }
-    let mut report = measured.report(cli.gateway.is_none().then_some(cli.shards), ctx);
+    let mut report = measured.finish(cli.gateway.is_none().then_some(cli.shards), ctx)?;
     report["procs"] = json!(procs);
     report["per_process"] = json!(per_process);
     Ok(report)
