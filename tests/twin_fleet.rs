@@ -118,7 +118,7 @@ impl Device {
     /// The requests the session sent (code, token, path, queries).
     fn requests(&mut self) -> Vec<(Code, Vec<u8>, String, Vec<String>)> {
         self.out.clear();
-        self.session.poll_transmit(&mut self.out);
+        while self.session.poll_transmit(&mut self.out) {}
         let mut rest = &self.out[..];
         let mut found = Vec::new();
         while let Some((m, len)) = deframer::next_message(rest, 1 << 20).unwrap() {

@@ -86,6 +86,10 @@ pub trait Connection: 'static {
     /// and close.
     fn on_shutdown(&mut self, now: Instant);
     /// Append plaintext to send. Returns true when something was appended.
+    /// The runtime calls it until it returns false and seals the bytes of
+    /// each call in TLS records of their own, so an application whose
+    /// peer must find one message per record (IoTivity-Lite, spec
+    /// Appendix A.6) appends one message per call.
     fn poll_transmit(&mut self, out: &mut Vec<u8>) -> bool;
     /// The next instant at which `on_timeout` must run.
     fn poll_timeout(&self) -> Option<Instant>;
@@ -562,10 +566,18 @@ impl<C: Connection> Driver<C> {
                         continue;
                     }
                     let Some(app) = self.app.as_mut() else { break };
+                    // Each call's bytes go in TLS records of their own
+                    // (several records still share the caller's one
+                    // write): a peer that takes one application message
+                    // out of each record, as IoTivity-Lite on mbedTLS
+                    // does, then reads every message when it arrives
+                    // (spec Appendix A.6).
                     let mut plain = Vec::new();
-                    while app.poll_transmit(&mut plain) {}
-                    for chunk in plain.chunks(MAX_FRAGMENT) {
-                        encrypt_into(&mut write, chunk, out);
+                    while app.poll_transmit(&mut plain) {
+                        for chunk in plain.chunks(MAX_FRAGMENT) {
+                            encrypt_into(&mut write, chunk, out);
+                        }
+                        plain.clear();
                     }
                     if app.is_closed() || self.peer_closed {
                         let start = out.len();
@@ -706,11 +718,17 @@ mod tests {
             self.out.extend_from_slice(b"shutdown\n");
             self.closed = true;
         }
+        /// One line per call: the driver seals each in records of its own.
         fn poll_transmit(&mut self, out: &mut Vec<u8>) -> bool {
             if self.out.is_empty() {
                 return false;
             }
-            out.append(&mut self.out);
+            let end = self
+                .out
+                .iter()
+                .position(|b| *b == b'\n')
+                .map_or(self.out.len(), |pos| pos + 1);
+            out.extend(self.out.drain(..end));
             true
         }
         fn poll_timeout(&self) -> Option<Instant> {
@@ -853,6 +871,42 @@ mod tests {
             0,
             "an idle connection keeps no buffer"
         );
+    }
+
+    /// TLS records in `wire` whose (outer) content type is application
+    /// data (RFC 8446 §5.1, RFC 5246 §6.2.1).
+    fn application_records(wire: &[u8]) -> usize {
+        let mut n = 0;
+        let mut rest = wire;
+        while rest.len() >= 5 {
+            let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+            n += usize::from(rest[0] == 23);
+            rest = &rest[(5 + len).min(rest.len())..];
+        }
+        n
+    }
+
+    #[test]
+    fn each_message_goes_in_a_tls_record_of_its_own_in_one_write() {
+        // spec Appendix A.6: IoTivity-Lite reads one message per record.
+        let mut p = Pair::new();
+        p.pump(usize::MAX);
+        p.read_plain();
+        p.client.writer().write_all(b"one\ntwo\nthree\n").unwrap();
+        let mut wire = Vec::new();
+        while p.client.wants_write() {
+            p.client.write_tls(&mut wire).unwrap();
+        }
+        let mut out = Vec::new();
+        p.driver
+            .receive(&Greeter, endpoint(), p.now, &mut wire, &mut out);
+        assert_eq!(application_records(&out), 3, "one record per message");
+        let mut rd = &out[..];
+        while !rd.is_empty() {
+            p.client.read_tls(&mut rd).unwrap();
+        }
+        p.client.process_new_packets().unwrap();
+        assert_eq!(p.read_plain(), b"ONE\nTWO\nTHREE\n");
     }
 
     #[test]

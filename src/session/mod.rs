@@ -29,7 +29,7 @@ use crate::auth::jwks::Jwks;
 use crate::auth::jwt::{TokenValidator, ValidationSettings};
 use crate::auth::provider::{ExchangeRequest, OAuthError, TokenProvider, TokenSet};
 use crate::auth::validator::SharedValidator;
-use crate::coap::{option, signal, Code, MessageRef, MessageWriter};
+use crate::coap::{deframer, option, signal, Code, MessageRef, MessageWriter};
 use crate::hub::{
     AuthContext, CommandResult, ConnectionRef, Content, Hub, HubMessage, MemoryHub, Protocol,
     Status,
@@ -194,6 +194,9 @@ pub struct Session {
     identity: PeerIdentity,
     /// CoAP bytes waiting for `poll_transmit`; empty (no heap) when idle.
     out: Vec<u8>,
+    /// How much of `out` `poll_transmit` has handed over already: it hands
+    /// one message per call (spec Appendix A.6).
+    out_sent: usize,
     timers: [Option<Instant>; TIMERS],
     keepalive: Keepalive,
     peer_csm: PeerCsm,
@@ -229,6 +232,7 @@ impl Session {
             config,
             identity,
             out: Vec::new(),
+            out_sent: 0,
             timers: [None; TIMERS],
             peer_csm: PeerCsm::default(),
             token_state: seed,
@@ -419,18 +423,36 @@ impl Session {
         self.signed_in.as_ref().map(|s| &s.ctx)
     }
 
-    /// Moves queued CoAP bytes into `buf`; true when there were any.
+    /// Moves the next queued CoAP message into `buf`; true when there was
+    /// one. One message per call, because the transport seals each call's
+    /// bytes in TLS records of their own: IoTivity-Lite on mbedTLS takes one
+    /// CoAP message out of each record it decrypts and leaves the rest of
+    /// the record waiting until the socket is readable again, which keeps
+    /// such a device one message behind (spec Appendix A.6).
     pub fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> bool {
-        if self.out.is_empty() {
+        let rest = &self.out[self.out_sent..];
+        if rest.is_empty() {
             return false;
         }
-        if buf.is_empty() {
+        // Our own frames are well formed, so the header measures them; the
+        // fallback (hand over the rest) cannot happen but loses nothing.
+        let len = match deframer::frame_len(rest, usize::MAX) {
+            Ok(Some(len)) if len > 0 => len,
+            _ => rest.len(),
+        };
+        if len == self.out.len() && buf.is_empty() {
+            // The common case, one message queued: hand the buffer over.
             std::mem::swap(buf, &mut self.out);
         } else {
-            buf.extend_from_slice(&self.out);
+            buf.extend_from_slice(&rest[..len]);
+            self.out_sent += len;
+            if self.out_sent < self.out.len() {
+                return true;
+            }
         }
         // An idle session keeps no buffer.
         self.out = Vec::new();
+        self.out_sent = 0;
         true
     }
 

@@ -125,7 +125,7 @@ impl Flow {
 
     fn sent(&mut self) -> Vec<Sent> {
         let mut out = Vec::new();
-        self.session.poll_transmit(&mut out);
+        while self.session.poll_transmit(&mut out) {}
         let mut msgs = Vec::new();
         let mut rest = &out[..];
         while let Some((m, len)) = deframer::next_message(rest, 1 << 20).unwrap() {

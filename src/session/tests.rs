@@ -54,7 +54,7 @@ impl Harness {
     /// Everything the session has queued, as owned (code, token, payload).
     fn sent(&mut self) -> Vec<Sent> {
         let mut out = Vec::new();
-        self.session.poll_transmit(&mut out);
+        while self.session.poll_transmit(&mut out) {}
         let mut msgs = Vec::new();
         let mut rest = &out[..];
         while let Some((m, len)) = deframer::next_message(rest, 1 << 20).unwrap() {
@@ -113,6 +113,35 @@ fn item_02_ping_is_answered_with_pong_on_the_same_token() {
     assert_eq!(sent[0].0, Code::PONG);
     assert_eq!(sent[0].1, b"\x01\x02\x03");
     assert!(sent[0].3.is_empty());
+}
+
+#[test]
+fn each_poll_transmit_hands_over_one_whole_message() {
+    // spec Appendix A.6: the transport seals each call's bytes in TLS
+    // records of their own, and IoTivity-Lite reads one message a record.
+    let mut h = Harness::new(Duration::from_secs(20));
+    for token in [b"\x01", b"\x02"] {
+        let mut ping = Vec::new();
+        crate::coap::signal::write_ping(&mut ping, token, false);
+        h.feed(&ping);
+    }
+    let mut codes = Vec::new();
+    let mut out = Vec::new();
+    while h.session.poll_transmit(&mut out) {
+        let (msg, len) = deframer::next_message(&out, 1024).unwrap().unwrap();
+        assert_eq!(len, out.len(), "exactly one message per call");
+        codes.push((msg.code, msg.token.to_vec()));
+        out.clear();
+    }
+    assert_eq!(
+        codes,
+        [
+            (Code::CSM, codes[0].1.clone()),
+            (Code::PONG, b"\x01".to_vec()),
+            (Code::PONG, b"\x02".to_vec())
+        ]
+    );
+    assert!(!h.session.poll_transmit(&mut out), "then nothing");
 }
 
 #[test]
@@ -316,7 +345,7 @@ fn unknown_critical_csm_option_is_aborted_with_bad_csm_option() {
         .finish();
     h.feed(&csm);
     let mut out = Vec::new();
-    h.session.poll_transmit(&mut out);
+    while h.session.poll_transmit(&mut out) {}
     let (abort, _) = deframer::next_message(&out, 1024).unwrap().unwrap();
     match Signal::parse(&abort) {
         Ok(Signal::Abort { bad_csm_option, .. }) => assert_eq!(bad_csm_option, Some(9)),

@@ -280,7 +280,7 @@ impl Dev {
     /// Everything the session queued for the device.
     pub(super) fn sent(&mut self) -> Vec<Sent> {
         let mut out = Vec::new();
-        self.session.poll_transmit(&mut out);
+        while self.session.poll_transmit(&mut out) {}
         let mut msgs = Vec::new();
         let mut rest = &out[..];
         while let Some((m, len)) = deframer::next_message(rest, 1 << 20).unwrap() {
