@@ -21,6 +21,7 @@ pub enum ClientAuth {
 }
 
 pub mod authority;
+pub mod grants;
 pub mod identity;
 pub mod jwks;
 pub mod jwks_fetch;
