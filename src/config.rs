@@ -50,6 +50,9 @@ pub const MESSAGE_SIZE_CEILING: usize = 16 * 1024 * 1024;
 /// a typo rather than a machine.
 pub const MAX_SHARDS: usize = 1024;
 
+/// Upper bound for `coap.close_linger`.
+const MAX_CLOSE_LINGER: Duration = Duration::from_secs(30);
+
 /// Lower bound for `coap.keepalive_timeout` (spec §2.4: "minimum 1 s").
 pub const MIN_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -206,6 +209,14 @@ pub struct CoapConfig {
     /// disconnects IoTivity-Lite built with its default options, spec §14
     /// item 14).
     pub require_batch_observe: bool,
+    /// After an answer that ends the connection (4.01 before sign-in, a
+    /// failed `/oic/sec/*` request, an Abort), how long the gateway waits
+    /// for the device to close before it closes itself. A device that gets
+    /// the answer and the close in one read drops the answer (spec
+    /// Appendix A.7); inbound data is ignored meanwhile. 0 = close at once.
+    /// At most 30 s. Default 2 s.
+    #[serde(with = "humantime_serde")]
+    pub close_linger: Duration,
     /// `[coap.tls]`
     pub tls: TlsConfig,
 }
@@ -221,6 +232,7 @@ impl Default for CoapConfig {
             max_connections: 0,
             external_address: String::new(),
             require_batch_observe: false,
+            close_linger: Duration::from_secs(2),
             tls: TlsConfig::default(),
         }
     }
@@ -280,6 +292,16 @@ impl CoapConfig {
             return Err(invalid(
                 "coap.handshake_timeout",
                 "must be greater than 0 (e.g. \"10s\")",
+            ));
+        }
+        if self.close_linger > MAX_CLOSE_LINGER {
+            return Err(invalid(
+                "coap.close_linger",
+                format!(
+                    "{} is too long; it must be at most 30s (a lingering connection \
+                     holds its slot)",
+                    humantime::format_duration(self.close_linger)
+                ),
             ));
         }
         self.tls.validate()

@@ -118,6 +118,7 @@ impl Service for GatewayService {
             max_message_size: self.config.max_message_size,
             id: info.id,
             sender: self.sender.clone(),
+            linger: Linger::Open,
         }
     }
 }
@@ -153,11 +154,44 @@ pub struct DeviceConnection {
     max_message_size: usize,
     id: ConnId,
     sender: SenderSlot,
+    linger: Linger,
+}
+
+/// Where the transport stands once the session has ended. A session that
+/// ended with an answer for the device (4.01 before sign-in, a failed
+/// `/oic/sec/*` request, an Abort) keeps the connection open until the
+/// device closes it or `coap.close_linger` passes: IoTivity-Lite drops an
+/// answer that arrives in the same read as the close_notify or FIN, and
+/// then only sees "connection closed" and retries (spec Appendix A.7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Linger {
+    /// The session runs (or has just ended and was not looked at yet).
+    Open,
+    /// The answer is sent; close at this instant unless the device does
+    /// first. Inbound data is dropped meanwhile.
+    Until(Instant),
+    /// Close now.
+    Over,
 }
 
 impl DeviceConnection {
     pub fn session(&self) -> &Session {
         &self.session
+    }
+
+    /// After every input: once the session has ended, linger or close.
+    fn settle(&mut self, now: Instant) {
+        if self.linger != Linger::Open {
+            return;
+        }
+        if let Some(reason) = self.session.is_closed() {
+            let linger = self.session.config().close_linger;
+            self.linger = if reason.lingers() && !linger.is_zero() {
+                Linger::Until(now + linger)
+            } else {
+                Linger::Over
+            };
+        }
     }
 
     /// Starts the OAuth exchanges the session asked for. The embedded
@@ -205,20 +239,35 @@ impl Connection for DeviceConnection {
                 Ok(None) => break,
                 Err(error) => {
                     self.session.handle_frame_error(error);
-                    return data.len();
+                    break;
                 }
             }
+        }
+        self.settle(now);
+        if self.session.is_closed().is_some() {
+            // Ended (or lingering): nothing more is read, and nothing is
+            // kept of what came after.
+            return data.len();
         }
         used
     }
 
     fn on_timeout(&mut self, now: Instant) {
-        self.session.handle_timeout(now);
+        match self.linger {
+            Linger::Until(at) if now >= at => self.linger = Linger::Over,
+            Linger::Until(_) => {}
+            _ => self.session.handle_timeout(now),
+        }
+        self.settle(now);
     }
 
     fn on_message(&mut self, now: Instant, msg: GatewayMessage) {
         match msg {
-            GatewayMessage::Close { reason } => self.session.close(reason),
+            GatewayMessage::Close { reason } => {
+                self.session.close(reason);
+                // The hub's word ends a linger too.
+                self.linger = Linger::Over;
+            }
             GatewayMessage::Exchange { id, result } => {
                 self.session
                     .handle_exchange(now, SystemTime::now(), id, result);
@@ -229,10 +278,12 @@ impl Connection for DeviceConnection {
                     .handle_hub_message(now, SystemTime::now(), message);
             }
         }
+        self.settle(now);
     }
 
     fn on_shutdown(&mut self, _now: Instant) {
         self.session.shutdown();
+        self.linger = Linger::Over;
     }
 
     fn poll_transmit(&mut self, out: &mut Vec<u8>) -> bool {
@@ -240,11 +291,14 @@ impl Connection for DeviceConnection {
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        self.session.poll_timeout()
+        match self.linger {
+            Linger::Until(at) => Some(at),
+            _ => self.session.poll_timeout(),
+        }
     }
 
     fn is_closed(&self) -> bool {
-        self.session.is_closed().is_some()
+        self.linger == Linger::Over
     }
 
     fn on_closed(&mut self, _now: Instant, reason: &CloseReason) {

@@ -285,6 +285,7 @@ pub fn session_config(
         validator,
         providers,
         require_batch_observe: config.coap.require_batch_observe,
+        close_linger: config.coap.close_linger,
     }
 }
 

@@ -50,7 +50,9 @@ const CLIENT_ID: &str = "gw";
 const PROVIDER_TIMEOUT: Duration = Duration::from_secs(2);
 /// spec §5.0: failures on `/oic/sec/*` close the connection ~10 ms after
 /// the error response.
-const CLOSE_LIMIT: Duration = Duration::from_secs(2);
+/// The gateway lingers `coap.close_linger` (2 s by default) after such an
+/// answer so that the device reads it before the close (spec Appendix A.7).
+const CLOSE_LIMIT: Duration = Duration::from_secs(4);
 /// spec §5.0: the diagnostic prefix of a transient failure.
 const TEMPORARY: &str = "temporary error: ";
 

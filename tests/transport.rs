@@ -170,6 +170,70 @@ fn requests_before_sign_in_get_4_01_and_the_connection_closes() {
     assert_eq!(msgs[0].token, b"rd");
 }
 
+fn rd_before_sign_in() -> Vec<u8> {
+    let mut req = Vec::new();
+    MessageWriter::new(&mut req, Code::POST, b"rd")
+        .option_str(option::URI_PATH, "oic")
+        .option_str(option::URI_PATH, "rd")
+        .payload(b"\xa0")
+        .finish();
+    req
+}
+
+fn active(gw: &TestGateway) -> usize {
+    gw.stats()
+        .iter()
+        .map(|s| s.active.load(std::sync::atomic::Ordering::Relaxed))
+        .sum()
+}
+
+#[test]
+fn an_answer_that_ends_the_connection_comes_before_the_close_by_the_linger() {
+    // spec Appendix A.7: a device that reads the answer and the close in
+    // one read drops the answer, so the gateway lingers before it closes.
+    let pki = TestPki::new();
+    let mut config = pki.config(ClientAuth::Identity);
+    config.coap.close_linger = Duration::from_millis(1500);
+    let gw = TestGateway::start(&config);
+    let mut dev = connect(&pki, &gw);
+    dev.recv().expect("csm");
+    dev.send(&rd_before_sign_in()).unwrap();
+    let answered = std::time::Instant::now();
+    let m = dev.recv().expect("the 4.01 arrives on its own");
+    assert_eq!(m.code, Code::UNAUTHORIZED);
+    // Anything the device sends now is ignored (no answer, no error).
+    dev.send(&time_request(b"late")).unwrap();
+    let (msgs, _) = dev.recv_until_closed(Duration::from_secs(5));
+    let took = answered.elapsed();
+    assert!(msgs.is_empty(), "nothing after the answer: {msgs:?}");
+    assert!(
+        took >= Duration::from_millis(1300),
+        "closed {took:?} after the answer: no linger"
+    );
+}
+
+#[test]
+fn a_device_that_closes_after_the_answer_ends_the_linger() {
+    let pki = TestPki::new();
+    let mut config = pki.config(ClientAuth::Identity);
+    config.coap.close_linger = Duration::from_secs(20);
+    let gw = TestGateway::start(&config);
+    let mut dev = connect(&pki, &gw);
+    dev.recv().expect("csm");
+    dev.send(&rd_before_sign_in()).unwrap();
+    assert_eq!(dev.recv().expect("4.01").code, Code::UNAUTHORIZED);
+    assert_eq!(active(&gw), 1, "lingering");
+    drop(dev);
+    let started = std::time::Instant::now();
+    while active(&gw) > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the gateway kept a closed device's connection for the whole linger"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn frames_split_across_tls_records_and_batched_frames_are_handled() {
     let pki = TestPki::new();

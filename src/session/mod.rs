@@ -73,6 +73,10 @@ pub struct SessionConfig {
     /// device without a batch-observable `/oic/res` is disconnected
     /// instead of being observed resource by resource.
     pub require_batch_observe: bool,
+    /// `coap.close_linger`: how long a connection whose session ended with
+    /// an answer for the device waits for the device to close (spec
+    /// Appendix A.7; see [`CloseReason::lingers`]).
+    pub close_linger: Duration,
 }
 
 impl Default for SessionConfig {
@@ -93,6 +97,7 @@ impl Default for SessionConfig {
             validator: Arc::new(SharedValidator::new(validator)),
             providers: Vec::new(),
             require_batch_observe: false,
+            close_linger: Duration::from_secs(2),
         }
     }
 }
@@ -155,6 +160,21 @@ pub enum CloseReason {
     /// failed, the hub refused a notification, or `/oic/res` is not batch
     /// observable while batch observation is required (checklist item 47).
     TwinSyncFailed(String),
+}
+
+impl CloseReason {
+    /// Whether the session ended by sending the device something it must
+    /// read (an error answer, an Abort), so that the transport should let
+    /// the device read it before closing: a device that finds the answer
+    /// and the close in one read drops the answer (spec Appendix A.7).
+    pub fn lingers(&self) -> bool {
+        matches!(
+            self,
+            CloseReason::Aborted(_)
+                | CloseReason::Unauthorized
+                | CloseReason::SecurityRequestFailed
+        )
+    }
 }
 
 /// Timers as data (STYLE.md §6): one deadline per kind.
