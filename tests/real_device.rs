@@ -708,3 +708,38 @@ fn an_error_answer_that_ends_the_connection_is_read_before_the_close() {
         );
     }
 }
+
+#[test]
+fn local_endpoints_come_from_the_eps_of_its_link_list() {
+    // IoTivity-Lite writes its CBOR with indefinite-length maps and arrays
+    // and lists `eps` on each link of GET /oic/res?if=oic.if.ll&rt=oic.wk.d
+    // (issue 13: `localEndpoints` stayed [] for the real device).
+    let setup = Setup::new(&gateway_config("4s", ""));
+    let gw = setup.serve();
+    let api = user_api(&setup);
+    let mut dev = ModelDevice::start(
+        &setup,
+        &gw,
+        &["--ping-interval", "3", "--pong-timeout", "2"],
+    );
+    dev.send("connect");
+    let connected = dev.expect("connected", PATIENCE, "connect");
+    dev.expect("signed_in", PATIENCE, "first sign-in");
+    let wanted = json!([format!("coaps+tcp://127.0.0.1:{}", connected["local_port"])]);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let d = device_json(&api);
+        let eps = &d["metadata"]["connection"]["localEndpoints"];
+        if *eps == wanted {
+            break;
+        }
+        if Instant::now() >= deadline {
+            dev.settle(Duration::from_millis(100));
+            panic!(
+                "localEndpoints {eps}, want {wanted} (the eps of the device's /oic/d link)\n{}",
+                dev.context()
+            );
+        }
+        dev.settle(Duration::from_millis(50));
+    }
+}
