@@ -194,7 +194,22 @@ impl Session {
         if let Some(result) = security {
             // spec §5.0: any failure on /oic/sec/* answers, then closes.
             if let Err(e) = result {
-                self.apply_closing(&e, msg.token, true);
+                let path = ["account", "session", "tokenrefresh"]
+                    .into_iter()
+                    .find(|last| msg.uri_path_is(&["oic", "sec", last]))
+                    .unwrap_or("?");
+                let request = match msg.code {
+                    Code::POST => "POST",
+                    Code::DELETE => "DELETE",
+                    Code::GET => "GET",
+                    Code::PUT => "PUT",
+                    _ => "request",
+                };
+                self.refuse_security_request(
+                    format_args!("{request} /oic/sec/{path}"),
+                    &e,
+                    msg.token,
+                );
             }
             return Ok(());
         }
@@ -373,8 +388,43 @@ impl Session {
                 self.timers[Timer::KeyRetry as usize] = Some(self.now + KEY_RETRY);
             }
             // spec §5.0: /oic/sec/* failures close the connection.
-            Err(e) => self.apply_closing(&e, &waiter.token, true),
+            Err(e) => {
+                let request = match key {
+                    GrantKey::SignUp { .. } => "POST /oic/sec/account",
+                    GrantKey::Refresh { .. } => "POST /oic/sec/tokenrefresh",
+                };
+                self.refuse_security_request(format_args!("{request}"), &e, &waiter.token);
+            }
         }
+    }
+
+    /// spec §5.0: a failed `/oic/sec/*` request is answered, then the
+    /// connection closes. Logged with the device and the reason, since the
+    /// device itself usually only reports "connection closed".
+    fn refuse_security_request(
+        &mut self,
+        request: std::fmt::Arguments<'_>,
+        error: &SessionError,
+        token: &[u8],
+    ) {
+        let device_id = self
+            .signed_in
+            .as_ref()
+            .map(|s| s.ctx.device_id.as_str())
+            .or(self.identity.device_id.as_deref())
+            .unwrap_or("");
+        tracing::warn!(
+            device_id,
+            peer = %self.identity.remote,
+            request = %request,
+            answer = %match error.wire_action() {
+                WireAction::Respond { code, .. } => code.to_string(),
+                WireAction::Abort { .. } => "Abort".to_owned(),
+            },
+            reason = %error,
+            "refused a security request; closing the connection"
+        );
+        self.apply_closing(error, token, true);
     }
 
     /// The key-retry timer: check the kept tokens again.
@@ -920,40 +970,34 @@ impl Session {
     }
 }
 
-/// `eps[].ep` of the first link of a `GET /oic/res?if=oic.if.ll` answer
-/// (spec §8.1): a CBOR array of link maps. Anything else gives none.
-fn first_link_endpoints(payload: &[u8]) -> Vec<String> {
-    let mut d = minicbor::Decoder::new(payload);
-    let mut out = Vec::new();
-    let _ = (|| -> Result<(), minicbor::decode::Error> {
-        d.array()?;
-        let Some(entries) = d.map()? else {
-            return Ok(());
+/// The `ep` of every entry of `eps` in the first link of a link list (spec
+/// §8.1). IoTivity-Lite writes its CBOR with tinycbor, whose arrays and
+/// maps are indefinite-length, and adds keys such as `anchor` and `lat`;
+/// the OCF body walker reads both forms and ignores what it was not asked
+/// for. An unreadable answer records no endpoints.
+pub(super) fn first_link_endpoints(payload: &[u8]) -> Vec<String> {
+    use crate::ocf::cbor::{Fields, Items, Key, BODY};
+    const EPS: Key = Key {
+        context: "links[]",
+        name: "eps[]",
+    };
+    let read = || -> Result<Vec<String>, crate::ocf::cbor::BodyError> {
+        let mut d = minicbor::Decoder::new(payload);
+        let Some(link) = Items::new(&mut d, BODY)?.next().transpose()? else {
+            return Ok(Vec::new());
         };
-        for _ in 0..entries {
-            let key = d.str()?;
-            if key != "eps" {
-                d.skip()?;
-                continue;
+        let link = Fields::walk(&mut link.clone(), BODY, "links[]", ["eps"])?;
+        let mut out = Vec::new();
+        for ep in link.array("eps")?.into_iter().flatten() {
+            let ep = Fields::walk(&mut ep?, EPS, "links[].eps[]", ["ep"])?;
+            if let Some(uri) = ep.text("ep")? {
+                out.push(uri.to_owned());
             }
-            let Some(n) = d.array()? else {
-                return Ok(());
-            };
-            for _ in 0..n {
-                let Some(fields) = d.map()? else {
-                    return Ok(());
-                };
-                for _ in 0..fields {
-                    if d.str()? == "ep" {
-                        out.push(d.str()?.to_owned());
-                    } else {
-                        d.skip()?;
-                    }
-                }
-            }
-            return Ok(());
         }
-        Ok(())
-    })();
-    out
+        Ok(out)
+    };
+    read().unwrap_or_else(|e| {
+        tracing::debug!(error = %e, "the device's /oic/d link cannot be read");
+        Vec::new()
+    })
 }

@@ -339,3 +339,48 @@ fn uid_must_be_the_owner() {
         Some(&CloseReason::SecurityRequestFailed)
     );
 }
+
+#[test]
+fn local_endpoints_are_read_from_iotivity_lites_indefinite_length_link_list() {
+    // spec §8.1, Appendix A: IoTivity-Lite (tinycbor) answers
+    // GET /oic/res?if=oic.if.ll&rt=oic.wk.d with indefinite-length arrays
+    // and maps, an anchor, and `lat` next to each `ep`.
+    let mut payload = Vec::new();
+    let mut e = minicbor::Encoder::new(&mut payload);
+    e.begin_array().unwrap().begin_map().unwrap();
+    e.str("anchor").unwrap().str(&format!("ocf://{D}")).unwrap();
+    e.str("href").unwrap().str("/oic/d").unwrap();
+    e.str("rt").unwrap().begin_array().unwrap();
+    e.str("oic.wk.d").unwrap().end().unwrap();
+    e.str("p").unwrap().begin_map().unwrap();
+    e.str("bm").unwrap().u8(1).unwrap().end().unwrap();
+    e.str("eps").unwrap().begin_array().unwrap();
+    for ep in [
+        "coaps://[fe80::1%25eth0]:56789",
+        "coaps+tcp://192.168.1.20:40000",
+    ] {
+        e.begin_map().unwrap();
+        e.str("ep").unwrap().str(ep).unwrap();
+        e.str("lat").unwrap().u32(240).unwrap();
+        e.end().unwrap();
+    }
+    e.end().unwrap(); // eps
+    e.end().unwrap(); // link
+    e.end().unwrap(); // links
+    assert_eq!(
+        super::ocf_handlers::first_link_endpoints(&payload),
+        [
+            "coaps://[fe80::1%25eth0]:56789",
+            "coaps+tcp://192.168.1.20:40000"
+        ]
+    );
+    // The definite-length form, and garbage, as before.
+    assert_eq!(
+        super::ocf_handlers::first_link_endpoints(&cbor(
+            &serde_json::json!([{"href": "/oic/d", "eps": [{"ep": "coap+tcp://10.0.0.1:1"}]}])
+        )),
+        ["coap+tcp://10.0.0.1:1"]
+    );
+    assert!(super::ocf_handlers::first_link_endpoints(b"\xff\x00").is_empty());
+    assert!(super::ocf_handlers::first_link_endpoints(&[]).is_empty());
+}
