@@ -581,6 +581,20 @@ pub struct AuthorityConfig {
     pub key_file: PathBuf,
     /// The `iss` of its tokens. Empty = `http://<api.address>`.
     pub issuer: String,
+    /// How long a refresh token works after it was issued (each rotation
+    /// issues a new one with a fresh lifetime). Default `30d`: a device
+    /// that refreshes at every reconnect or token expiry (hourly with the
+    /// default access token) never gets near it, while a device that is
+    /// gone for a month must be provisioned again, and the store holds at
+    /// most a month of abandoned grants.
+    #[serde(with = "humantime_serde")]
+    pub refresh_token_ttl: Duration,
+    /// How long after a refresh the old refresh token still gets the same
+    /// new pair again, while that pair's refresh token is unused (a device
+    /// whose answer was lost retries with the old token). Default `60s`;
+    /// `0s` disables it.
+    #[serde(with = "humantime_serde")]
+    pub refresh_reuse_window: Duration,
 }
 
 impl Default for AuthorityConfig {
@@ -592,6 +606,8 @@ impl Default for AuthorityConfig {
             code_ttl: Duration::from_secs(600),
             key_file: PathBuf::new(),
             issuer: String::new(),
+            refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
+            refresh_reuse_window: Duration::from_secs(60),
         }
     }
 }
@@ -616,7 +632,27 @@ impl AuthorityConfig {
                 "must be at least 1s (e.g. \"10m\")",
             ));
         }
+        if self.refresh_token_ttl < Duration::from_secs(1) {
+            return Err(invalid(
+                "authority.refresh_token_ttl",
+                "must be at least 1s (e.g. \"30d\")",
+            ));
+        }
+        if self.refresh_reuse_window >= self.refresh_token_ttl {
+            return Err(invalid(
+                "authority.refresh_reuse_window",
+                "must be shorter than authority.refresh_token_ttl (e.g. \"60s\"; \"0s\" disables it)",
+            ));
+        }
         Ok(())
+    }
+
+    /// The grant policy of the embedded provider, in seconds.
+    pub fn grant_policy(&self) -> crate::auth::grants::GrantPolicy {
+        crate::auth::grants::GrantPolicy {
+            ttl: self.refresh_token_ttl.as_secs().max(1),
+            reuse_window: self.refresh_reuse_window.as_secs(),
+        }
     }
 }
 
@@ -1335,6 +1371,36 @@ mod tests {
         assert_eq!(c.hub.data_dir, Path::new("data"));
         assert!(c.uses_default_pki());
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn refresh_token_keys_have_defaults_and_are_checked() {
+        let c = Config::default();
+        assert_eq!(
+            c.authority.refresh_token_ttl,
+            Duration::from_secs(30 * 24 * 3600)
+        );
+        assert_eq!(c.authority.refresh_reuse_window, Duration::from_secs(60));
+        assert_eq!(c.authority.grant_policy().reuse_window, 60);
+        let c = Config::from_toml_str(
+            "[authority]\nrefresh_token_ttl = \"2h\"\nrefresh_reuse_window = \"0s\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.authority.grant_policy().ttl, 7200);
+        assert_eq!(c.authority.grant_policy().reuse_window, 0);
+        c.validate().unwrap();
+        assert_eq!(
+            invalid_key(Config::from_toml_str(
+                "[authority]\nrefresh_token_ttl = \"0s\"\n"
+            )),
+            "authority.refresh_token_ttl"
+        );
+        assert_eq!(
+            invalid_key(Config::from_toml_str(
+                "[authority]\nrefresh_token_ttl = \"1m\"\nrefresh_reuse_window = \"1m\"\n",
+            )),
+            "authority.refresh_reuse_window"
+        );
     }
 
     #[test]

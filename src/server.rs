@@ -53,6 +53,8 @@ pub struct StartOptions {
 
 /// How often the control plane expires pending commands (spec §7.4).
 const EXPIRY_PERIOD: Duration = Duration::from_secs(1);
+/// How often expired refresh grants and used codes are pruned.
+const GRANT_PRUNE_PERIOD: Duration = Duration::from_secs(600);
 
 /// The hub back end a gateway runs (`[hub] kind`).
 #[derive(Debug, Clone)]
@@ -123,7 +125,14 @@ pub fn open_backend(
 ) -> Result<HubBackend, ServeError> {
     match config.hub.kind {
         HubKind::Nats if !memory => {
-            let hub = NatsHub::open(NatsSettings::from_config(&config.hub, service_id))?;
+            let mut settings = NatsSettings::from_config(&config.hub, service_id);
+            // The grants bucket keeps refresh grants and used codes as long
+            // as either may be needed.
+            settings.grant_max_age = config
+                .authority
+                .refresh_token_ttl
+                .max(config.authority.code_ttl);
+            let hub = NatsHub::open(settings)?;
             Ok(HubBackend::Nats(Arc::new(hub)))
         }
         kind => {
@@ -372,10 +381,14 @@ pub fn start_with_options(
         )
     };
 
+    // Refresh grants and used codes live in the hub (issue 13): durable
+    // with it, shared by the nodes of a NATS hub.
     let provider = authority.map(|a| {
-        Arc::new(EmbeddedProvider::new(
+        Arc::new(EmbeddedProvider::with_grants(
             config.authority.provider_name.clone(),
             a,
+            hub.grants(),
+            config.authority.grant_policy(),
         ))
     });
     let mut providers: Vec<Arc<dyn TokenProvider>> = Vec::new();
@@ -399,6 +412,23 @@ pub fn start_with_options(
                 return;
             };
             hub.expire_commands(wall_ns());
+        }
+    });
+    // Expired refresh grants and used codes are dropped (issue 13).
+    let pruning = Arc::downgrade(&hub);
+    control.spawn(async move {
+        let mut tick = tokio::time::interval(GRANT_PRUNE_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(hub) = pruning.upgrade() else {
+                return;
+            };
+            let grants = hub.grants();
+            drop(hub);
+            // A scan of the store: off the control plane's async threads.
+            let now = wall_ns() / 1_000_000_000;
+            let _ = tokio::task::spawn_blocking(move || grants.prune(now)).await;
         }
     });
     let sender = SenderSlot::default();

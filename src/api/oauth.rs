@@ -123,22 +123,33 @@ pub(super) async fn token(
         Err(e) => return error(e.status(), &e.body_text()),
     };
     let now = now_unix();
-    let exchanged = params(&headers, &body).and_then(|p| match p.get("grant_type") {
-        None => Err(TokenError::InvalidRequest("missing grant_type".into())),
-        // RFC 6749 §4.1.3.
-        Some("authorization_code") => {
-            let code = p.required("code")?;
-            Ok(provider.redeem(code, p.get("device_id"), now)?)
-        }
-        // RFC 6749 §6.
-        Some("refresh_token") => {
-            let refresh_token = p.required("refresh_token")?;
-            Ok(provider.refresh(refresh_token, now)?)
-        }
-        Some(other) => Err(TokenError::UnsupportedGrantType(format!(
-            "grant_type {other} is not supported: use authorization_code or refresh_token"
-        ))),
-    });
+    // The grant store answers once the grant is durable (the hub's store
+    // or broker): awaited here, never blocking the runtime.
+    let exchanged = match params(&headers, &body) {
+        Err(e) => Err(e),
+        Ok(p) => match p.get("grant_type") {
+            None => Err(TokenError::InvalidRequest("missing grant_type".into())),
+            // RFC 6749 §4.1.3.
+            Some("authorization_code") => match p.required("code") {
+                Ok(code) => provider
+                    .redeem_async(code, p.get("device_id"), now)
+                    .await
+                    .map_err(TokenError::from),
+                Err(e) => Err(e),
+            },
+            // RFC 6749 §6.
+            Some("refresh_token") => match p.required("refresh_token") {
+                Ok(refresh_token) => provider
+                    .refresh_async(refresh_token, now)
+                    .await
+                    .map_err(TokenError::from),
+                Err(e) => Err(e),
+            },
+            Some(other) => Err(TokenError::UnsupportedGrantType(format!(
+                "grant_type {other} is not supported: use authorization_code or refresh_token"
+            ))),
+        },
+    };
     match exchanged {
         Ok(tokens) => token_response(tokens),
         Err(e) => e.into_response(),

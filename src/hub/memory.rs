@@ -24,6 +24,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
+use super::grants::StoreGrants;
 use super::store::{Journal, Op, Store, StoreError, StoreSettings};
 use super::twin::{apply_change, latest_etags, Content, Status, TwinResource};
 use super::{
@@ -31,6 +32,7 @@ use super::{
     ConnectionStatus, Connections, DeviceRecord, Event, EventKind, Hub, HubError, HubMessage,
     HubStats, Online, Replaced, ResourceChange, ResourceState, StoredLink, TwinState, TwinSync,
 };
+use crate::auth::grants::{GrantStore, MemoryGrants};
 
 /// How far a subscriber may fall behind before it is dropped.
 const SUBSCRIBER_QUEUE: usize = 4096;
@@ -288,14 +290,28 @@ fn owner_ctx(owner: &str, device_id: &str) -> AuthContext {
 
 /// The embedded [`Hub`]: in memory only ([`MemoryHub::new`]) or durable in
 /// a data directory ([`MemoryHub::open`]).
-#[derive(Default)]
 pub struct MemoryHub {
     state: Mutex<State>,
     connections: OnceLock<Arc<dyn Connections>>,
     stats: Arc<HubStats>,
+    /// The token authority's refresh grants and used codes (issue 13): in
+    /// the store when durable, else in memory.
+    grants: Arc<dyn GrantStore>,
     /// Dropped after `state` (field order): the journal's last records
     /// are queued before the store's stop.
     store: Option<Store>,
+}
+
+impl Default for MemoryHub {
+    fn default() -> Self {
+        MemoryHub {
+            state: Mutex::default(),
+            connections: OnceLock::new(),
+            stats: Arc::default(),
+            grants: Arc::new(MemoryGrants::new()),
+            store: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for MemoryHub {
@@ -422,6 +438,7 @@ impl MemoryHub {
             state: Mutex::new(state),
             connections: OnceLock::new(),
             stats,
+            grants: StoreGrants::new(store.side()),
             store: Some(store),
         };
         hub.wait(point).map_err(|e| StoreError::Commit {
@@ -538,6 +555,10 @@ impl MemoryHub {
 }
 
 impl Hub for MemoryHub {
+    fn grants(&self) -> Arc<dyn GrantStore> {
+        self.grants.clone()
+    }
+
     fn add_device(&self, ctx: &AuthContext) -> Result<(), HubError> {
         let point = {
             let mut state = self.state();

@@ -15,6 +15,7 @@
 
 pub mod command;
 pub mod event;
+mod grants;
 pub mod memory;
 pub mod nats;
 pub mod stats;
@@ -399,6 +400,11 @@ pub trait Hub: Send + Sync + fmt::Debug {
 
     /// Commands not yet answered, over all devices (a gauge).
     fn pending_depth(&self) -> usize;
+
+    /// Where the embedded token authority keeps its refresh grants and
+    /// used sign-up codes (issue 13): durable with the hub's other
+    /// records, shared by the nodes of a NATS hub.
+    fn grants(&self) -> std::sync::Arc<dyn crate::auth::grants::GrantStore>;
 
     /// Whether the back end can take changes now: the NATS hub answers
     /// false while its broker is unreachable (issue 6: `/readyz` is

@@ -41,6 +41,7 @@ use super::{
     AuthContext, Command, CommandKind, CommandOutcome, ConnectionStatus, DeviceRecord, Event,
     EventKind, HubError, Protocol, StoredLink,
 };
+use crate::auth::grants::{GrantRecord, TokenHash};
 use crate::ocf::rd::Policy;
 
 /// The file in the data directory.
@@ -69,6 +70,12 @@ const RESOURCES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("re
 const COMMANDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("commands");
 /// Event seq → [`EventRec`].
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// SHA-256 of a refresh token → [`super::grants::GrantRec`] (issue 13).
+const GRANTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("grants");
+/// (device key, grant hash) → (): the grants of a device, for sign-off.
+const GRANT_DEVICES: TableDefinition<(&str, &[u8]), ()> = TableDefinition::new("grant_devices");
+/// A redeemed sign-up code's `jti` → its expiry (Unix seconds).
+const USED_CODES: TableDefinition<&str, u64> = TableDefinition::new("used_codes");
 
 /// How long an API caller waits for its commit before it is told the hub
 /// is unavailable (a stuck disk must not hang the API for ever).
@@ -163,12 +170,34 @@ pub(crate) enum Op {
     /// A command's outcome, handed to its issuer once the records before
     /// it are committed (so an answer the API reports is durable).
     Notify(flume::Sender<CommandOutcome>, CommandOutcome),
+    /// A refresh grant (issue 13), indexed by its device when it has one.
+    PutGrant {
+        hash: TokenHash,
+        device_key: Option<String>,
+        record: GrantRecord,
+    },
+    RemoveGrant {
+        hash: TokenHash,
+        device_key: Option<String>,
+    },
+    /// A redeemed sign-up code, kept until it expires.
+    PutCode {
+        id: String,
+        expires_at: u64,
+    },
+    RemoveCode {
+        id: String,
+    },
+    /// Called once the records before it are durable AND readable from
+    /// redb (after the group commit's redb transaction); dropped, never
+    /// called, when the commit failed.
+    Call(Box<dyn FnOnce() + Send>),
 }
 
 impl Op {
     /// Whether the op writes to the file (a notification does not).
     fn is_record(&self) -> bool {
-        !matches!(self, Op::Notify(..))
+        !matches!(self, Op::Notify(..) | Op::Call(..))
     }
 }
 
@@ -179,6 +208,9 @@ enum Msg {
         /// A caller waits: commit without collecting for the interval.
         urgent: bool,
     },
+    /// Records of no hub call (the grant store's, issue 13): no seq, no
+    /// waiter by seq; their [`Op::Call`]s say when they are done.
+    Side(Vec<Op>),
     /// Commit what came before, then stop.
     Stop,
     /// Stop without committing (see [`Store::abandon`]).
@@ -239,6 +271,122 @@ impl Journal {
         }
         self.urgent = false;
         self.seq
+    }
+}
+
+fn side_ops(msg: Msg) -> Vec<Op> {
+    match msg {
+        Msg::Side(ops) => ops,
+        _ => Vec::new(),
+    }
+}
+
+/// See [`Store::side`].
+pub(crate) struct Side {
+    tx: flume::Sender<Msg>,
+    db: std::sync::Weak<Database>,
+    stats: Arc<HubStats>,
+}
+
+impl Side {
+    /// Queues records (and their [`Op::Call`]s) for the next group commit
+    /// without waiting: a full queue or a stopped store hands them back
+    /// (the caller answers unavailable; a shard is never held).
+    pub(crate) fn send(&self, ops: Vec<Op>) -> Result<(), (String, Vec<Op>)> {
+        match self.tx.try_send(Msg::Side(ops)) {
+            Ok(()) => Ok(()),
+            Err(flume::TrySendError::Full(msg)) => {
+                self.stats.store_queue_full.fetch_add(1, Ordering::Relaxed);
+                Err(("the hub store is behind".into(), side_ops(msg)))
+            }
+            Err(flume::TrySendError::Disconnected(msg)) => {
+                Err(("the hub store is closed".into(), side_ops(msg)))
+            }
+        }
+    }
+
+    fn db(&self) -> Result<Arc<Database>, String> {
+        self.db
+            .upgrade()
+            .ok_or_else(|| "the hub store is closed".to_owned())
+    }
+
+    /// The grant under `hash`, as redb holds it.
+    pub(crate) fn grant(&self, hash: &TokenHash) -> Result<Option<GrantRecord>, String> {
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(err("begin"))?;
+        let table = txn.open_table(GRANTS).map_err(err("grants"))?;
+        let value = table.get(hash.as_slice()).map_err(err("grants"))?;
+        value
+            .map(|v| super::grants::decode_grant(v.value()))
+            .transpose()
+    }
+
+    /// A used code's expiry.
+    pub(crate) fn code(&self, id: &str) -> Result<Option<u64>, String> {
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(err("begin"))?;
+        let table = txn.open_table(USED_CODES).map_err(err("used_codes"))?;
+        let value = table.get(id).map_err(err("used_codes"))?;
+        Ok(value.map(|v| v.value()))
+    }
+
+    /// The hashes of a device's grants.
+    pub(crate) fn device_grants(&self, device_key: &str) -> Result<Vec<TokenHash>, String> {
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(err("begin"))?;
+        let table = txn
+            .open_table(GRANT_DEVICES)
+            .map_err(err("grant_devices"))?;
+        let mut out = Vec::new();
+        let from: &[u8] = &[];
+        for row in table
+            .range((device_key, from)..)
+            .map_err(err("grant_devices"))?
+        {
+            let (k, _) = row.map_err(err("grant_devices"))?;
+            let (device, hash) = k.value();
+            if device != device_key {
+                break;
+            }
+            if let Ok(hash) = TokenHash::try_from(hash) {
+                out.push(hash);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Grants (hash, device key) and used codes that expired by `now`.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn expired(
+        &self,
+        now: u64,
+    ) -> Result<(Vec<(TokenHash, Option<String>)>, Vec<String>), String> {
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(err("begin"))?;
+        let table = txn.open_table(GRANTS).map_err(err("grants"))?;
+        let mut grants = Vec::new();
+        for row in table.iter().map_err(err("grants"))? {
+            let (k, v) = row.map_err(err("grants"))?;
+            let Ok(hash) = TokenHash::try_from(k.value()) else {
+                continue;
+            };
+            match super::grants::decode_grant(v.value()) {
+                Ok(g) if g.expires_at > now => {}
+                Ok(g) => grants.push((hash, g.device_id.as_deref().map(super::grants::device_key))),
+                // An undecodable grant is no grant: dropped.
+                Err(_) => grants.push((hash, None)),
+            }
+        }
+        let table = txn.open_table(USED_CODES).map_err(err("used_codes"))?;
+        let mut codes = Vec::new();
+        for row in table.iter().map_err(err("used_codes"))? {
+            let (k, v) = row.map_err(err("used_codes"))?;
+            if v.value() < now {
+                codes.push(k.value().to_owned());
+            }
+        }
+        Ok((grants, codes))
     }
 }
 
@@ -396,6 +544,24 @@ impl Store {
         &self.path
     }
 
+    /// The grant store's way in (issue 13): records without a seq, and
+    /// reads of what redb holds. Holds the file only weakly, so that a
+    /// closed store frees it.
+    pub(crate) fn side(&self) -> Side {
+        let db = self
+            .db
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_ref()
+            .map(Arc::downgrade)
+            .unwrap_or_default();
+        Side {
+            tx: self.tx.clone(),
+            db,
+            stats: self.shared.stats.clone(),
+        }
+    }
+
     /// The event log of `owner` after `after`, oldest first, at most
     /// `limit` (committed events only).
     pub(crate) fn events_after(
@@ -514,6 +680,10 @@ fn init(db: &Database) -> Result<(), String> {
         txn.open_table(RESOURCES).map_err(err("resources"))?;
         txn.open_table(COMMANDS).map_err(err("commands"))?;
         txn.open_table(EVENTS).map_err(err("events"))?;
+        txn.open_table(GRANTS).map_err(err("grants"))?;
+        txn.open_table(GRANT_DEVICES)
+            .map_err(err("grant_devices"))?;
+        txn.open_table(USED_CODES).map_err(err("used_codes"))?;
     }
     txn.commit().map_err(err("commit"))
 }
@@ -648,6 +818,24 @@ enum Row {
         seq: u64,
         value: Vec<u8>,
     },
+    /// A grant under its token's hash; `device` is its device key ("" =
+    /// none) for the [`GRANT_DEVICES`] index.
+    PutGrant {
+        hash: Vec<u8>,
+        device: String,
+        value: Vec<u8>,
+    },
+    RemoveGrant {
+        hash: Vec<u8>,
+        device: String,
+    },
+    PutCode {
+        id: String,
+        expires_at: u64,
+    },
+    RemoveCode {
+        id: String,
+    },
 }
 
 /// The rows of the ops of `batches`, in order.
@@ -701,7 +889,25 @@ fn rows_of(batches: &[(u64, Vec<Op>)]) -> Result<Vec<Row>, String> {
                 seq: event.seq,
                 value: encode(&EventRec::from(event.as_ref()))?.to_vec(),
             },
-            Op::Notify(..) => continue,
+            Op::PutGrant {
+                hash,
+                device_key,
+                record,
+            } => Row::PutGrant {
+                hash: hash.to_vec(),
+                device: device_key.clone().unwrap_or_default(),
+                value: super::grants::encode_grant(record)?,
+            },
+            Op::RemoveGrant { hash, device_key } => Row::RemoveGrant {
+                hash: hash.to_vec(),
+                device: device_key.clone().unwrap_or_default(),
+            },
+            Op::PutCode { id, expires_at } => Row::PutCode {
+                id: id.clone(),
+                expires_at: *expires_at,
+            },
+            Op::RemoveCode { id } => Row::RemoveCode { id: id.clone() },
+            Op::Notify(..) | Op::Call(..) => continue,
         });
     }
     Ok(rows)
@@ -720,6 +926,11 @@ fn apply_rows(
     let mut resources = txn.open_table(RESOURCES).map_err(err("resources"))?;
     let mut commands = txn.open_table(COMMANDS).map_err(err("commands"))?;
     let mut events = txn.open_table(EVENTS).map_err(err("events"))?;
+    let mut grants = txn.open_table(GRANTS).map_err(err("grants"))?;
+    let mut grant_devices = txn
+        .open_table(GRANT_DEVICES)
+        .map_err(err("grant_devices"))?;
+    let mut used_codes = txn.open_table(USED_CODES).map_err(err("used_codes"))?;
     let mut first = first_event;
     let mut last_event = None;
     for row in rows {
@@ -755,6 +966,36 @@ fn apply_rows(
                     .map_err(err("events"))?;
                 last_event = Some(*seq);
                 first.get_or_insert(*seq);
+            }
+            Row::PutGrant {
+                hash,
+                device,
+                value,
+            } => {
+                grants
+                    .insert(hash.as_slice(), value.as_slice())
+                    .map_err(err("grants"))?;
+                if !device.is_empty() {
+                    grant_devices
+                        .insert((device.as_str(), hash.as_slice()), ())
+                        .map_err(err("grant_devices"))?;
+                }
+            }
+            Row::RemoveGrant { hash, device } => {
+                grants.remove(hash.as_slice()).map_err(err("grants"))?;
+                if !device.is_empty() {
+                    grant_devices
+                        .remove((device.as_str(), hash.as_slice()))
+                        .map_err(err("grant_devices"))?;
+                }
+            }
+            Row::PutCode { id, expires_at } => {
+                used_codes
+                    .insert(id.as_str(), *expires_at)
+                    .map_err(err("used_codes"))?;
+            }
+            Row::RemoveCode { id } => {
+                used_codes.remove(id.as_str()).map_err(err("used_codes"))?;
             }
         }
     }
@@ -898,6 +1139,7 @@ impl Persister {
             };
             let first = match next {
                 Ok(Msg::Batch { seq, ops, urgent }) => (seq, ops, urgent),
+                Ok(Msg::Side(ops)) => (0, ops, true),
                 Ok(Msg::Stop) | Err(()) => return true,
                 Ok(Msg::Abandon) => return false,
             };
@@ -928,6 +1170,10 @@ impl Persister {
                         urgent |= u;
                         batches.push((seq, ops));
                     }
+                    Ok(Msg::Side(ops)) => {
+                        urgent = true;
+                        batches.push((0, ops));
+                    }
                     Ok(Msg::Stop) | Err(flume::RecvTimeoutError::Disconnected) => {
                         stop = true;
                         break;
@@ -950,8 +1196,9 @@ impl Persister {
     }
 
     fn commit(&mut self, mut batches: Vec<(u64, Vec<Op>)>) {
-        let from = batches.first().map_or(0, |b| b.0);
-        let to = batches.last().map_or(0, |b| b.0);
+        // Side batches (seq 0) are nobody's seq to wait for.
+        let seqs = || batches.iter().map(|b| b.0).filter(|seq| *seq > 0);
+        let range = seqs().min().zip(seqs().max());
         // Outcomes are not records: they go to their issuers once the
         // records before them are durable.
         let mut outcomes = Vec::new();
@@ -971,15 +1218,25 @@ impl Persister {
         };
         let result = match durable {
             Ok(rest) => {
+                let mut calls = Vec::new();
                 for op in outcomes {
-                    if let Op::Notify(waiter, outcome) = op {
-                        let _ = waiter.send(outcome);
+                    match op {
+                        Op::Notify(waiter, outcome) => {
+                            let _ = waiter.send(outcome);
+                        }
+                        Op::Call(call) => calls.push(call),
+                        _ => {}
                     }
                 }
-                // Issuers do not wait for redb too.
-                rest.map_or(Ok(()), |rows| {
+                // Issuers do not wait for redb too; the grant store does
+                // (it reads its records back from redb).
+                let applied = rest.map_or(Ok(()), |rows| {
                     self.apply(&rows, false).map_err(Failed::Apply)
-                })
+                });
+                if applied.is_ok() {
+                    calls.into_iter().for_each(|call| call());
+                }
+                applied
             }
             // The issuers' receivers disconnect with `outcomes`: they
             // cannot be told an answer that is not recorded.
@@ -1007,7 +1264,7 @@ impl Persister {
                 self.broken = true;
             }
         }
-        {
+        if let Some((from, to)) = range {
             let mut progress = self.shared.progress();
             progress.done = progress.done.max(to);
             if matches!(result, Err(Failed::Nothing(_))) {

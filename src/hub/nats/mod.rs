@@ -20,6 +20,7 @@
 //! | bucket `<p>-links` | `<owner>.<device>.<href>` | a published link (spec §5.7) |
 //! | bucket `<p>-commands` | `<owner>.<device>.<correlation>` | a command, its `valid_until` and its state |
 //! | bucket `<p>-nodes` | `<node>` (`max_age` = heartbeat TTL) | a node's last heartbeat |
+//! | bucket `<p>-grants` | `g.<hash>`, `c.<code>`, `d.<device>.<hash>` (`max_age` = refresh token TTL) | the embedded authority's refresh grants and used codes ([`grants`]) |
 //! | core NATS | `<p>.node.<node>.{wake,close,twin}` | requests to the node holding a device |
 //!
 //! # Who writes what
@@ -82,6 +83,7 @@
 //! monotonic clock: it is the record keeper and IO, not protocol code.
 #![allow(clippy::disallowed_methods)]
 
+mod grants;
 mod outbox;
 mod records;
 #[cfg(test)]
@@ -142,7 +144,14 @@ pub struct NatsSettings {
     pub event_retention: u64,
     /// This node: the gateway process's random `service_id` (spec §8.1).
     pub node_id: String,
+    /// `max_age` of the grants bucket: the longest a refresh grant or a
+    /// used code must be kept (`[authority] refresh_token_ttl`, or
+    /// `code_ttl` if longer).
+    pub grant_max_age: Duration,
 }
+
+/// [`NatsSettings::grant_max_age`] unless the gateway's config says.
+pub const DEFAULT_GRANT_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl NatsSettings {
     /// The settings of `[hub]` / `[hub.nats]` for the node `node_id`.
@@ -161,6 +170,7 @@ impl NatsSettings {
             buffer: n.buffer,
             event_retention: hub.event_retention,
             node_id: node_id.to_owned(),
+            grant_max_age: DEFAULT_GRANT_MAX_AGE,
         }
     }
 }
@@ -266,6 +276,7 @@ struct Inner {
     links: kv::Store,
     commands: kv::Store,
     nodes: kv::Store,
+    grants: kv::Store,
     outbox: Outbox,
     connections: OnceLock<Arc<dyn Connections>>,
     stats: Arc<HubStats>,
@@ -1366,6 +1377,7 @@ impl Inner {
 pub struct NatsHub {
     inner: Arc<Inner>,
     handle: tokio::runtime::Handle,
+    grants: Arc<grants::NatsGrants>,
     /// Shut down in the background on drop (the hub may be dropped on an
     /// async thread).
     runtime: Option<tokio::runtime::Runtime>,
@@ -1452,9 +1464,14 @@ impl NatsHub {
                 });
             }
         };
+        let grants = Arc::new(grants::NatsGrants {
+            inner: inner.clone(),
+            handle: handle.clone(),
+        });
         Ok(NatsHub {
             inner,
             handle,
+            grants,
             runtime: Some(runtime),
         })
     }
@@ -1499,6 +1516,7 @@ impl NatsHub {
             ("links", Duration::ZERO),
             ("commands", Duration::ZERO),
             ("nodes", settings.heartbeat_ttl),
+            ("grants", settings.grant_max_age),
         ] {
             let bucket = format!("{p}-{name}");
             js.get_or_create_stream(stream::Config {
@@ -1523,7 +1541,8 @@ impl NatsHub {
             stores.push(store);
         }
         let mut stores = stores.into_iter();
-        let (Some(registry), Some(twin), Some(links), Some(commands), Some(nodes)) = (
+        let (Some(registry), Some(twin), Some(links), Some(commands), Some(nodes), Some(grants)) = (
+            stores.next(),
             stores.next(),
             stores.next(),
             stores.next(),
@@ -1544,6 +1563,7 @@ impl NatsHub {
             links,
             commands,
             nodes,
+            grants,
             outbox,
             connections: OnceLock::new(),
             stats,
@@ -1661,6 +1681,10 @@ impl NatsHub {
 }
 
 impl Hub for NatsHub {
+    fn grants(&self) -> Arc<dyn crate::auth::grants::GrantStore> {
+        self.grants.clone()
+    }
+
     fn add_device(&self, ctx: &AuthContext) -> Result<(), HubError> {
         let inner = self.inner.clone();
         let c = ctx.clone();

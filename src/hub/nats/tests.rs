@@ -90,6 +90,7 @@ fn settings(server: &NatsServer, prefix: &str, node: &str) -> NatsSettings {
         buffer: 4096,
         event_retention: 10_000,
         node_id: node.to_owned(),
+        grant_max_age: Duration::from_secs(3600),
     }
 }
 
