@@ -282,7 +282,7 @@ impl MemoryState {
 
     fn tick(&mut self, now: u64) {
         self.calls += 1;
-        if self.calls % 1024 == 0 {
+        if self.calls.is_multiple_of(1024) {
             self.prune(now);
         }
     }
@@ -328,15 +328,14 @@ impl GrantStore for MemoryGrants {
                     Some(old) => reuse(old, st.grants.get(&next), now),
                     None => Err(OAuthError::Rejected("unknown refresh token".into())),
                 },
-                Decision::Rotate(old) => mint(&old).map(|minted| {
+                Decision::Rotate(old) => mint(&old).inspect(|minted| {
                     let successor = token_hash(&minted.refresh_token);
-                    let (kept, new) = rotated(&old, &minted, successor, now, policy);
+                    let (kept, new) = rotated(&old, minted, successor, now, policy);
                     match kept {
                         Some(kept) => st.grants.insert(hash, kept),
                         None => st.grants.remove(&hash),
                     };
                     st.grants.insert(successor, new);
-                    minted
                 }),
             }
         };
@@ -482,6 +481,15 @@ pub(crate) mod tests {
         .unwrap();
         redeem(s, "code-3", "r-d", D, NOW, 5000).unwrap();
         s.revoke_device(&D.to_uppercase());
+        // Nobody waits for a revocation: it shows soon.
+        let started = std::time::Instant::now();
+        while refresh(s, "r-d", NOW + 100, POLICY, 7).is_ok() {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(5),
+                "the revoked grant still refreshes"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         assert!(matches!(
             refresh(s, "r-d", NOW + 100, POLICY, 7),
             Err(OAuthError::Rejected(_))

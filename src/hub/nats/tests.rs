@@ -777,3 +777,84 @@ fn open_fails_without_a_broker() {
     let err = NatsHub::open(s).unwrap_err();
     assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
 }
+
+// -- the token authority's refresh grants and used codes (issue 13) ---------
+
+mod grants {
+    use super::*;
+    use crate::auth::grants::tests::{contract, redeem, refresh};
+    use crate::auth::grants::GrantPolicy;
+    use crate::auth::provider::OAuthError;
+
+    const NOW: u64 = 1_800_000_000;
+    const POLICY: GrantPolicy = GrantPolicy {
+        ttl: 1000,
+        reuse_window: 60,
+    };
+    const D2: &str = "0f4a5ea1-6b6e-4d7b-8e52-1b4c5c2b9a10";
+
+    #[test]
+    fn the_nats_store_keeps_the_contract() {
+        let server = NatsServer::start();
+        let (hub, _) = open(&server, &prefix(), "n1");
+        contract(hub.grants());
+    }
+
+    #[test]
+    fn a_grant_from_one_node_refreshes_on_another_and_a_code_is_used_once() {
+        let server = NatsServer::start();
+        let p = prefix();
+        let (a, _) = open(&server, &p, "a");
+        let (b, _) = open(&server, &p, "b");
+        let (ga, gb) = (a.grants(), b.grants());
+        // Signed up through node a.
+        redeem(ga.as_ref(), "code-1", "r0", D, NOW, POLICY.ttl).unwrap();
+        // The same code on node b: used already.
+        assert!(matches!(
+            redeem(gb.as_ref(), "code-1", "other", D, NOW, POLICY.ttl),
+            Err(OAuthError::Rejected(_))
+        ));
+        // Failed over to node b: it refreshes.
+        let pair = refresh(gb.as_ref(), "r0", NOW + 1, POLICY, 1).unwrap();
+        // The answer was lost; the retry lands on node a: the same pair.
+        assert_eq!(
+            refresh(ga.as_ref(), "r0", NOW + 2, POLICY, 2).unwrap(),
+            pair
+        );
+        // The successor is used on a; the old token is refused on b.
+        refresh(ga.as_ref(), "refresh-1", NOW + 3, POLICY, 3).unwrap();
+        assert!(matches!(
+            refresh(gb.as_ref(), "r0", NOW + 4, POLICY, 4),
+            Err(OAuthError::Rejected(_))
+        ));
+        // Sign-off on b revokes what a issued.
+        redeem(ga.as_ref(), "code-2", "r-d2", D2, NOW, POLICY.ttl).unwrap();
+        gb.revoke_device(D2);
+        let revoked = wait_for(Duration::from_secs(5), || {
+            refresh(ga.as_ref(), "r-d2", NOW + 5, POLICY, 5)
+                .is_err()
+                .then_some(())
+        });
+        assert!(revoked.is_some(), "the revoked grant still refreshes");
+        // The other device's grant is untouched.
+        assert!(refresh(gb.as_ref(), "refresh-3", NOW + 6, POLICY, 6).is_ok());
+        // A new hub instance (a restarted node) still knows the grants.
+        drop(a);
+        let (c, _) = open(&server, &p, "c");
+        assert!(refresh(c.grants().as_ref(), "refresh-6", NOW + 7, POLICY, 7).is_ok());
+    }
+
+    #[test]
+    fn racing_rotations_on_two_nodes_hand_out_one_pair() {
+        let server = NatsServer::start();
+        let p = prefix();
+        let (a, _) = open(&server, &p, "a");
+        let (b, _) = open(&server, &p, "b");
+        redeem(a.grants().as_ref(), "code-1", "r0", D, NOW, POLICY.ttl).unwrap();
+        let (ga, gb) = (a.grants(), b.grants());
+        let ta = std::thread::spawn(move || refresh(ga.as_ref(), "r0", NOW + 1, POLICY, 1));
+        let tb = std::thread::spawn(move || refresh(gb.as_ref(), "r0", NOW + 1, POLICY, 2));
+        let (ra, rb) = (ta.join().unwrap().unwrap(), tb.join().unwrap().unwrap());
+        assert_eq!(ra, rb, "both nodes answer with the winner's pair");
+    }
+}
