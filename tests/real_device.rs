@@ -467,6 +467,28 @@ fn a_put_reaches_the_device_and_returns_within_500_ms() {
         json!({"state": true, "power": 7}),
         "{answer}"
     );
+    // The event log carries the device's answer too (issue 13: an update's
+    // command_answered showed `content: null`).
+    let correlation_id = answer["correlationId"].clone();
+    let mut events = api.events("", Some(0), Duration::from_secs(20));
+    let answered = loop {
+        let Some(e) = events.next(Duration::from_secs(10)) else {
+            panic!(
+                "no command_answered for {correlation_id}: {:?}",
+                events.ended
+            );
+        };
+        if e.event == "command_answered" && e.data["correlationId"] == correlation_id {
+            break e.data;
+        }
+    };
+    assert_eq!(answered["operation"], "update", "{answered}");
+    assert_eq!(answered["status"], "OK", "{answered}");
+    assert_eq!(
+        answered["content"],
+        json!({"state": true, "power": 7}),
+        "{answered}"
+    );
 }
 
 #[test]
