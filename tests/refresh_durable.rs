@@ -40,7 +40,13 @@ fn a_refresh_token_survives_kill_9_and_a_lost_answer_gets_the_same_pair() {
     let mut gw = setup.serve();
     let mut dev = connect();
     let m = dev.refresh(&reg.uid, &reg.refresh_token);
-    assert_eq!(m.code, Code::CHANGED, "refresh after a restart: {}\n{}", text(&m), gw.log());
+    assert_eq!(
+        m.code,
+        Code::CHANGED,
+        "refresh after a restart: {}\n{}",
+        text(&m),
+        gw.log()
+    );
     let first = body(&m);
     drop(dev);
 
@@ -50,7 +56,13 @@ fn a_refresh_token_survives_kill_9_and_a_lost_answer_gets_the_same_pair() {
     let gw = setup.serve();
     let mut dev = connect();
     let m = dev.refresh(&reg.uid, &reg.refresh_token);
-    assert_eq!(m.code, Code::CHANGED, "retried refresh: {}\n{}", text(&m), gw.log());
+    assert_eq!(
+        m.code,
+        Code::CHANGED,
+        "retried refresh: {}\n{}",
+        text(&m),
+        gw.log()
+    );
     let again = body(&m);
     assert_eq!(again["accesstoken"], first["accesstoken"]);
     assert_eq!(again["refreshtoken"], first["refreshtoken"]);

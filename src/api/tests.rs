@@ -548,7 +548,10 @@ fn a_code_from_the_api_is_redeemed_and_refreshed_at_the_token_endpoint() {
         .api
         .token_form(&[("grant_type", "refresh_token"), ("refresh_token", &refresh)]);
     assert_eq!(retried.status, 200, "{:?}", retried.body);
-    assert_eq!(retried.body["refresh_token"], refreshed.body["refresh_token"]);
+    assert_eq!(
+        retried.body["refresh_token"],
+        refreshed.body["refresh_token"]
+    );
     assert_eq!(retried.body["access_token"], refreshed.body["access_token"]);
     // JSON bodies are accepted too.
     let json_refresh = f.api.post(

@@ -482,12 +482,10 @@ pub(crate) mod tests {
         redeem(s, "code-3", "r-d", D, NOW, 5000).unwrap();
         s.revoke_device(&D.to_uppercase());
         // Nobody waits for a revocation: it shows soon.
-        let started = std::time::Instant::now();
+        let mut tries = 0;
         while refresh(s, "r-d", NOW + 100, POLICY, 7).is_ok() {
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(5),
-                "the revoked grant still refreshes"
-            );
+            tries += 1;
+            assert!(tries < 250, "the revoked grant still refreshes");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         assert!(matches!(
