@@ -5,7 +5,11 @@
 # embedded hub). Written for issue 13 (one CoAP message per TLS record), to
 # see what the extra records cost peers that read properly.
 #
-#   perf/record-ab.sh --a BIN --b BIN [--pairs 3] [--duration 10s] [--out DIR]
+#   perf/record-ab.sh --a BIN --b BIN [--pairs 3] [--duration 10s] [--requests 1000000] [--out DIR]
+#
+# raw sends --requests GETs (16 outstanding on each of 4 connections): with
+# the default 100,000 the gateway's CPU time is ~0.2 s, too close to the
+# 10 ms clock tick for a ratio.
 #
 # Each pair runs A then B, or B then A (the order alternates pair by
 # pair). Every run records the machine's CPU steal (`machine.steal_cpu_s`).
@@ -13,15 +17,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-a="" b="" pairs=3 duration=10s out=""
+a="" b="" pairs=3 duration=10s requests=1000000 out=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --a) a=$2; shift 2 ;;
     --b) b=$2; shift 2 ;;
     --pairs) pairs=$2; shift 2 ;;
     --duration) duration=$2; shift 2 ;;
+    --requests) requests=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "record-ab.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -37,6 +42,7 @@ run() { # side scenario pair
   local name="$out/$scenario-$side-$pair"
   case "$scenario" in
     raw) "$bench" raw --spawn --gateway-bin "$bin" --targets gateway --idle 0 \
+           --handshakes 500 --requests "$requests" \
            --no-progress --out "$name.json" > "$name.log" 2>&1 ;;
     notify) "$bench" notify --spawn --gateway-bin "$bin" --devices 1000 --duration "$duration" \
            --no-progress --out "$name.json" > "$name.log" 2>&1 ;;
