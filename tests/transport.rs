@@ -157,13 +157,7 @@ fn requests_before_sign_in_get_4_01_and_the_connection_closes() {
     let gw = TestGateway::start(&pki.config(ClientAuth::Identity));
     let mut dev = connect(&pki, &gw);
     dev.recv().expect("csm");
-    let mut req = Vec::new();
-    MessageWriter::new(&mut req, Code::POST, b"rd")
-        .option_str(option::URI_PATH, "oic")
-        .option_str(option::URI_PATH, "rd")
-        .payload(b"\xa0")
-        .finish();
-    dev.send(&req).unwrap();
+    dev.send(&rd_before_sign_in()).unwrap();
     let (msgs, _) = dev.recv_until_closed(Duration::from_secs(5));
     assert_eq!(msgs.len(), 1);
     assert_eq!(msgs[0].code, Code::UNAUTHORIZED);
@@ -187,20 +181,29 @@ fn active(gw: &TestGateway) -> usize {
         .sum()
 }
 
-#[test]
-fn an_answer_that_ends_the_connection_comes_before_the_close_by_the_linger() {
-    // spec Appendix A.7: a device that reads the answer and the close in
-    // one read drops the answer, so the gateway lingers before it closes.
+/// A gateway lingering `linger` after an answer that ends a connection,
+/// and a device that sent a request before signing in and read the 4.01
+/// (spec §4.6); also when the 4.01 was read.
+fn refused_before_sign_in(
+    linger: Duration,
+) -> (TestPki, TestGateway, TestDevice, std::time::Instant) {
     let pki = TestPki::new();
     let mut config = pki.config(ClientAuth::Identity);
-    config.coap.close_linger = Duration::from_millis(1500);
+    config.coap.close_linger = linger;
     let gw = TestGateway::start(&config);
     let mut dev = connect(&pki, &gw);
     dev.recv().expect("csm");
     dev.send(&rd_before_sign_in()).unwrap();
-    let answered = std::time::Instant::now();
     let m = dev.recv().expect("the 4.01 arrives on its own");
     assert_eq!(m.code, Code::UNAUTHORIZED);
+    (pki, gw, dev, std::time::Instant::now())
+}
+
+#[test]
+fn an_answer_that_ends_the_connection_comes_before_the_close_by_the_linger() {
+    // spec Appendix A.7: a device that reads the answer and the close in
+    // one read drops the answer, so the gateway lingers before it closes.
+    let (_pki, _gw, mut dev, answered) = refused_before_sign_in(Duration::from_millis(1500));
     // Anything the device sends now is ignored (no answer, no error).
     dev.send(&time_request(b"late")).unwrap();
     let (msgs, _) = dev.recv_until_closed(Duration::from_secs(5));
@@ -214,14 +217,7 @@ fn an_answer_that_ends_the_connection_comes_before_the_close_by_the_linger() {
 
 #[test]
 fn a_device_that_closes_after_the_answer_ends_the_linger() {
-    let pki = TestPki::new();
-    let mut config = pki.config(ClientAuth::Identity);
-    config.coap.close_linger = Duration::from_secs(20);
-    let gw = TestGateway::start(&config);
-    let mut dev = connect(&pki, &gw);
-    dev.recv().expect("csm");
-    dev.send(&rd_before_sign_in()).unwrap();
-    assert_eq!(dev.recv().expect("4.01").code, Code::UNAUTHORIZED);
+    let (_pki, gw, dev, _) = refused_before_sign_in(Duration::from_secs(20));
     assert_eq!(active(&gw), 1, "lingering");
     drop(dev);
     let started = std::time::Instant::now();
