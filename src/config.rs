@@ -217,6 +217,15 @@ pub struct CoapConfig {
     /// At most 30 s. Default 2 s.
     #[serde(with = "humantime_serde")]
     pub close_linger: Duration,
+    /// Most bytes one connection may have waiting for its socket. At the
+    /// bound the gateway stops reading from that device (TCP backpressure),
+    /// so a peer that sends without reading what it is answered cannot grow
+    /// the gateway's memory. At least 65536. Default 262144.
+    pub max_outbound_bytes: usize,
+    /// A connection held at `max_outbound_bytes` whose peer reads none of
+    /// it for this long is closed. Greater than zero. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub write_stall_timeout: Duration,
     /// `[coap.tls]`
     pub tls: TlsConfig,
 }
@@ -233,6 +242,8 @@ impl Default for CoapConfig {
             external_address: String::new(),
             require_batch_observe: false,
             close_linger: Duration::from_secs(2),
+            max_outbound_bytes: 262_144,
+            write_stall_timeout: Duration::from_secs(30),
             tls: TlsConfig::default(),
         }
     }
@@ -292,6 +303,22 @@ impl CoapConfig {
             return Err(invalid(
                 "coap.handshake_timeout",
                 "must be greater than 0 (e.g. \"10s\")",
+            ));
+        }
+        if self.max_outbound_bytes < shards::MIN_PENDING_TX {
+            return Err(invalid(
+                "coap.max_outbound_bytes",
+                format!(
+                    "{} bytes is too small; it must be at least {} (a few TLS records)",
+                    self.max_outbound_bytes,
+                    shards::MIN_PENDING_TX
+                ),
+            ));
+        }
+        if self.write_stall_timeout.is_zero() {
+            return Err(invalid(
+                "coap.write_stall_timeout",
+                "must be greater than 0 (e.g. \"30s\")",
             ));
         }
         if self.close_linger > MAX_CLOSE_LINGER {

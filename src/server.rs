@@ -441,6 +441,8 @@ pub fn start_with_options(
     runtime.shards = config.coap.shards;
     runtime.max_connections = config.coap.max_connections;
     runtime.handshake_timeout = config.coap.handshake_timeout;
+    runtime.max_pending_tx = config.coap.max_outbound_bytes;
+    runtime.write_stall_timeout = config.coap.write_stall_timeout;
     runtime.shutdown = shutdown;
     let tls_on = config.coap.tls.enabled;
     let session = session_config(

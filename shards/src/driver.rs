@@ -63,6 +63,9 @@ pub enum CloseReason {
     HandshakeTimeout,
     /// The gateway is shutting down.
     Shutdown,
+    /// The peer took none of the bytes waiting for it (at the runtime's
+    /// `max_pending_tx`) within `write_stall_timeout`.
+    WriteStalled,
 }
 
 /// The application side of one connection: a sans-IO state machine fed with

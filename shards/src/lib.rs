@@ -24,4 +24,4 @@ pub mod system;
 
 pub use driver::{CloseReason, ConnInfo, Connection, Driver, Endpoint, Service};
 pub use message::{ConnId, ParseConnIdError, SendError, ShardSender};
-pub use runtime::{Connect, Runtime, RuntimeConfig, ShardStats, StartError};
+pub use runtime::{Connect, Runtime, RuntimeConfig, ShardStats, StartError, MIN_PENDING_TX};

@@ -83,7 +83,18 @@ pub struct RuntimeConfig {
     /// false leaves placement to the kernel (a load generator sharing a
     /// small machine with the server it loads).
     pub pin: bool,
+    /// Most bytes a connection may have waiting for its socket. At the
+    /// bound the runtime stops reading from that peer (TCP backpressure),
+    /// so a peer that sends without reading (Pings it never reads the Pongs
+    /// of) cannot grow the gateway's memory. At least [`MIN_PENDING_TX`].
+    pub max_pending_tx: usize,
+    /// A connection at `max_pending_tx` whose peer takes none of it for
+    /// this long is closed ([`CloseReason::WriteStalled`]).
+    pub write_stall_timeout: Duration,
 }
+
+/// Floor of [`RuntimeConfig::max_pending_tx`]: a few TLS records.
+pub const MIN_PENDING_TX: usize = 64 * 1024;
 
 impl RuntimeConfig {
     pub fn new(address: SocketAddr, tls: Option<Arc<ServerConfig>>) -> Self {
@@ -98,6 +109,8 @@ impl RuntimeConfig {
             message_capacity: 65_536,
             shutdown: Arc::new(AtomicBool::new(false)),
             pin: true,
+            max_pending_tx: 256 * 1024,
+            write_stall_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -145,6 +158,16 @@ pub struct ShardStats {
     /// Sends refused because this shard's channel was full (the message
     /// went back to the sender as `SendError::Full`).
     pub messages_rejected_full: AtomicU64,
+    /// Times a connection's unsent bytes reached `max_pending_tx` and the
+    /// runtime stopped reading from it.
+    pub backpressure: AtomicU64,
+    /// Connections closed because their peer took none of their unsent
+    /// bytes within `write_stall_timeout`.
+    pub write_stall_closes: AtomicU64,
+    /// Bytes the shard's connections have waiting for their sockets, as
+    /// of each connection's latest turn (each at most about
+    /// `max_pending_tx`).
+    pub pending_tx_bytes: AtomicUsize,
 }
 
 /// A connection for a client runtime to open ([`Runtime::connect`]).
@@ -215,7 +238,7 @@ impl<M: Send + 'static> Runtime<M> {
     }
 
     fn spawn<S, F>(
-        config: RuntimeConfig,
+        mut config: RuntimeConfig,
         sockets: Vec<Option<socket2::Socket>>,
         local_addr: SocketAddr,
         client: bool,
@@ -227,6 +250,7 @@ impl<M: Send + 'static> Runtime<M> {
         F: Fn(usize) -> S + Send + Sync + 'static,
     {
         system::raise_memlock_limit();
+        config.max_pending_tx = config.max_pending_tx.max(MIN_PENDING_TX);
         let shards = sockets.len();
         let stats: Vec<Arc<ShardStats>> = (0..shards)
             .map(|_| Arc::new(ShardStats::default()))
@@ -472,6 +496,11 @@ struct Slot<C> {
     handshake_deadline: Option<Instant>,
     /// Set when a closed connection still has bytes to send.
     linger_deadline: Option<Instant>,
+    /// Set while the connection's unsent bytes are at `max_pending_tx`
+    /// (reading paused): it is closed if that lasts until then.
+    stall_deadline: Option<Instant>,
+    /// `pending_tx.len()` as last added to the shard's `pending_tx_bytes`.
+    accounted: usize,
     timer_fired: bool,
     shutdown_seen: bool,
     waker: Option<Waker>,
@@ -518,6 +547,11 @@ const FLUSH_BATCH: usize = 32;
 const OUT_KEEP: usize = 256 * 1024;
 
 const RX_BUFFER: usize = 64 * 1024;
+/// The read size for a connection with nothing unsent (see the read
+/// loop): one TLS record and its header.
+const READ_SIZE: usize = 16 * 1024 + 5;
+/// The read size for a connection with unsent bytes.
+const SLOW_READ: usize = 2 * 1024;
 /// How long a closing connection may take to accept its last bytes.
 const LINGER: Duration = Duration::from_secs(2);
 /// Reads per wake-up before the task yields to others (fairness).
@@ -759,7 +793,11 @@ fn flush_out<S: Service>(shard: &Shard<S>, slots: &mut Slab<Box<Slot<S::Conn>>>,
             Ok(_) => {}
             Err(e) => slot.driver.abort(now, CloseReason::Io(e.to_string())),
         }
-        if slot.driver.closed().is_some() {
+        // Its task finishes a closed connection, and starts the write-stall
+        // clock (and the gauge) of one this left at the bound.
+        if slot.driver.closed().is_some()
+            || slot.pending_tx.len() >= shard.shared.config.max_pending_tx
+        {
             waker.wake_by_ref();
         }
     }
@@ -928,6 +966,8 @@ fn adopt<S: Service>(
         registered: None,
         handshake_deadline,
         linger_deadline: None,
+        stall_deadline: None,
+        accounted: 0,
         timer_fired: false,
         shutdown_seen: false,
         waker: None,
@@ -1023,16 +1063,34 @@ impl<S: Service> Future for ConnTask<S> {
                 .start(&shard.service, slot.endpoint, now, &mut tx);
         }
 
-        // Reads, into the shard's buffer.
+        // Reads, into the shard's buffer; none while the peer leaves
+        // `max_pending_tx` of our bytes unread (what it sends waits in the
+        // kernel, then in its own socket: memory here stays bounded).
+        let max_pending = shard.shared.config.max_pending_tx;
         let mut rx = shard.rx.borrow_mut();
         let mut eof = false;
+        let mut paused = false;
+        let mut budget_spent = true;
         for _ in 0..READ_BUDGET {
             if slot.driver.closed().is_some() {
+                budget_spent = false;
                 break;
             }
-            match Pin::new(&mut slot.stream).poll_read(cx, &mut rx[..]) {
+            let unsent = slot.pending_tx.len() + tx.len();
+            if unsent >= max_pending {
+                paused = true;
+                budget_spent = false;
+                break;
+            }
+            // Reads are sized by what they may produce: a few bytes in can
+            // be many out (a 2-byte Ping is answered by a 24-byte TLS
+            // record), and what one read produces is only checked after
+            // it. A peer that is behind reading gets small reads.
+            let len = if unsent == 0 { READ_SIZE } else { SLOW_READ };
+            match Pin::new(&mut slot.stream).poll_read(cx, &mut rx[..len]) {
                 Poll::Ready(Ok(0)) => {
                     eof = true;
+                    budget_spent = false;
                     break;
                 }
                 Poll::Ready(Ok(n)) => {
@@ -1053,12 +1111,23 @@ impl<S: Service> Future for ConnTask<S> {
                 }
                 Poll::Ready(Err(e)) => {
                     slot.driver.abort(now, CloseReason::Io(e.to_string()));
+                    budget_spent = false;
                     break;
                 }
-                Poll::Pending => break,
+                Poll::Pending => {
+                    budget_spent = false;
+                    break;
+                }
             }
         }
         drop(rx);
+        if budget_spent {
+            // Every read of this turn returned data and no read armed a
+            // readiness poll (glommio arms one only when a read would
+            // block): more is waiting, so come back after the others had
+            // their turn instead of waiting for a timer.
+            cx.waker().wake_by_ref();
+        }
         if eof {
             slot.driver.abort(now, CloseReason::PeerClosed);
         }
@@ -1122,10 +1191,54 @@ impl<S: Service> Future for ConnTask<S> {
         }
         drop(tx);
 
-        // Done? Close once the last bytes are out, the socket failed, or the
-        // peer would not take our last bytes within the linger time.
+        // Backpressure: a peer that keeps `max_pending_tx` of our bytes
+        // unread for `write_stall_timeout` is closed; one that reads again
+        // is read from again.
+        if slot.pending_tx.len() >= max_pending && slot.driver.closed().is_none() {
+            match slot.stall_deadline {
+                None => {
+                    slot.stall_deadline = Some(now + shard.shared.config.write_stall_timeout);
+                    shard
+                        .shared
+                        .stats
+                        .backpressure
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Some(at) if now >= at => {
+                    shard
+                        .shared
+                        .stats
+                        .write_stall_closes
+                        .fetch_add(1, Ordering::Relaxed);
+                    slot.driver.abort(now, CloseReason::WriteStalled);
+                }
+                Some(_) => {}
+            }
+        } else {
+            slot.stall_deadline = None;
+            if paused {
+                // Reading stopped above and no read interest is armed:
+                // come back now that there is room.
+                cx.waker().wake_by_ref();
+            }
+        }
+
+        let pending = slot.pending_tx.len();
+        let gauge = &shard.shared.stats.pending_tx_bytes;
+        if pending > slot.accounted {
+            gauge.fetch_add(pending - slot.accounted, Ordering::Relaxed);
+        } else {
+            gauge.fetch_sub(slot.accounted - pending, Ordering::Relaxed);
+        }
+        slot.accounted = pending;
+
+        // Done? Close once the last bytes are out, the socket failed, the
+        // peer stalled our writes, or it would not take our last bytes
+        // within the linger time.
         let finished = match slot.driver.closed() {
-            Some(CloseReason::Io(_)) | Some(CloseReason::PeerClosed) => true,
+            Some(CloseReason::Io(_))
+            | Some(CloseReason::PeerClosed)
+            | Some(CloseReason::WriteStalled) => true,
             Some(_) if slot.pending_tx.is_empty() && !slot.queued => true,
             Some(_) => {
                 let linger = *slot.linger_deadline.get_or_insert(now + LINGER);
@@ -1139,6 +1252,7 @@ impl<S: Service> Future for ConnTask<S> {
             }
             let removed = slots.remove(this.key);
             drop(slots);
+            gauge.fetch_sub(removed.accounted, Ordering::Relaxed);
             if let (None, Some(tag), Some(reason)) = (
                 removed.driver.app(),
                 removed.driver.client_tag(),
@@ -1161,6 +1275,7 @@ impl<S: Service> Future for ConnTask<S> {
             slot.handshake_deadline,
             slot.driver.deadline(),
             slot.linger_deadline,
+            slot.stall_deadline,
         ]
         .into_iter()
         .flatten()

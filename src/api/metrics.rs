@@ -30,7 +30,7 @@ impl ShardMetrics {
 type Read = fn(&ShardStats) -> u64;
 
 /// (name, help, read); the `_total` suffix is added by the encoder.
-const COUNTERS: [(&str, &str, Read); 8] = [
+const COUNTERS: [(&str, &str, Read); 10] = [
     ("connections_accepted", "TCP connections accepted", |s| {
         s.accepted.load(Ordering::Relaxed)
     }),
@@ -65,6 +65,16 @@ const COUNTERS: [(&str, &str, Read); 8] = [
         "control-plane messages refused because the shard's channel was full",
         |s| s.messages_rejected_full.load(Ordering::Relaxed),
     ),
+    (
+        "outbound_backpressure",
+        "times a connection's unsent bytes reached coap.max_outbound_bytes and reading from it paused",
+        |s| s.backpressure.load(Ordering::Relaxed),
+    ),
+    (
+        "write_stall_closes",
+        "connections closed because their device read none of their unsent bytes within coap.write_stall_timeout",
+        |s| s.write_stall_closes.load(Ordering::Relaxed),
+    ),
 ];
 
 impl Collector for ShardMetrics {
@@ -80,6 +90,19 @@ impl Collector for ShardMetrics {
                 let labels = [("shard", i.to_string())];
                 let active = s.active.load(Ordering::Relaxed) as i64;
                 ConstGauge::new(active).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "outbound_queued_bytes",
+                "bytes waiting for device sockets (each connection holds at most about coap.max_outbound_bytes)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (i, s) in self.stats.iter().enumerate() {
+                let labels = [("shard", i.to_string())];
+                let queued = s.pending_tx_bytes.load(Ordering::Relaxed) as i64;
+                ConstGauge::new(queued).encode(family.encode_family(&labels)?)?;
             }
         }
         for (name, help, read) in COUNTERS {
