@@ -357,6 +357,11 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// The gateway's private key (PEM). Default `<data_dir>/pki/gateway-key.pem`.
     pub key: PathBuf,
+    /// Close a connection (Release) when the device's certificate chain or
+    /// the CA expires (spec §3.5, checklist item 12): a handshake with it
+    /// would fail by then. Default `true` (the reference defaults to
+    /// false and keeps such devices connected).
+    pub disconnect_on_expired_certificate: bool,
 }
 
 /// The paths are empty here: "not configured, derive from `hub.data_dir`".
@@ -369,6 +374,7 @@ impl Default for TlsConfig {
             ca: PathBuf::new(),
             cert: PathBuf::new(),
             key: PathBuf::new(),
+            disconnect_on_expired_certificate: true,
         }
     }
 }

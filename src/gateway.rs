@@ -12,7 +12,7 @@ use std::time::{Instant, SystemTime};
 
 use shards::{CloseReason, ConnId, ConnInfo, Connection, Service, ShardSender};
 
-use crate::auth::identity::peer_identity;
+use crate::auth::identity::{earliest_not_after, peer_identity};
 use crate::auth::provider::{OAuthError, TokenSet};
 use crate::coap::deframer;
 use crate::hub::{ConnectionRef, Connections, HubMessage};
@@ -113,8 +113,19 @@ impl Service for GatewayService {
             // The kernel RNG does not fail after boot; if it ever does, a
             // time-derived seed keeps tokens unique per connection.
             .unwrap_or_else(|_| fallback_seed(now));
+        let mut session =
+            Session::new(self.config.clone(), identity, now, u64::from_be_bytes(seed));
+        if self.config.disconnect_on_expired_certificate {
+            // spec §3.5: the earliest NotAfter of the presented chain and of
+            // the CA, on the monotonic clock the session runs on.
+            let chain = info.peer_certificates.and_then(earliest_not_after);
+            if let Some(expiry) = chain.into_iter().chain(self.config.ca_not_after).min() {
+                let left = expiry.duration_since(SystemTime::now()).unwrap_or_default();
+                session.set_certificate_deadline(now + left);
+            }
+        }
         DeviceConnection {
-            session: Session::new(self.config.clone(), identity, now, u64::from_be_bytes(seed)),
+            session,
             max_message_size: self.config.max_message_size,
             id: info.id,
             sender: self.sender.clone(),

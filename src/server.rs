@@ -295,6 +295,17 @@ pub fn session_config(
         providers,
         require_batch_observe: config.coap.require_batch_observe,
         close_linger: config.coap.close_linger,
+        // spec §3.5: only where certificates are asked for and checked.
+        disconnect_on_expired_certificate: tls_on
+            && config.coap.tls.disconnect_on_expired_certificate
+            && config.coap.tls.client_auth != ClientAuth::None,
+        ca_not_after: (tls_on && config.coap.tls.client_auth != ClientAuth::None)
+            .then(|| crate::auth::tls::load_certificates(&config.coap.tls.ca).ok())
+            .flatten()
+            // With several CAs in the file, which one a device chains to is
+            // not known here: only its own chain's expiry counts then.
+            .filter(|certs| certs.len() == 1)
+            .and_then(|certs| crate::auth::identity::earliest_not_after(&certs)),
     }
 }
 

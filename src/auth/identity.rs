@@ -69,6 +69,17 @@ pub fn peer_identity(chain: &[CertificateDer<'_>]) -> PeerIdentity {
     }
 }
 
+/// The earliest NotAfter of `certificates` (spec §3.5: a presented chain
+/// stops being valid when its first certificate expires); `None` when
+/// none can be read.
+pub fn earliest_not_after(certificates: &[CertificateDer<'_>]) -> Option<SystemTime> {
+    certificates
+        .iter()
+        .filter_map(|der| LeafFacts::parse(der).ok())
+        .map(|facts| facts.not_after)
+        .min()
+}
+
 /// Parses a Subject CN of the form `uuid:<UUID>` (spec §3.3): split on `:`,
 /// exactly two parts, the first compared case-insensitively with `uuid`, the
 /// second in any form the UUID parser accepts (hyphenated, simple, braced).

@@ -427,8 +427,14 @@ impl Ca {
     /// A new self-signed root CA (basicConstraints CA, keyCertSign), valid
     /// from an hour ago for 10 years.
     pub fn generate(common_name: &str) -> Result<Self, PkiError> {
+        Ca::generate_until(common_name, OffsetDateTime::now_utc() + LONG_VALIDITY)
+    }
+
+    /// [`Ca::generate`], valid until `not_after` (tests of CA expiry).
+    pub fn generate_until(common_name: &str, not_after: OffsetDateTime) -> Result<Self, PkiError> {
         let key = new_key("CA key")?;
         let mut params = ca_params(common_name);
+        params.not_after = not_after;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let cert = params
             .self_signed(&key)

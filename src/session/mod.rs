@@ -77,6 +77,14 @@ pub struct SessionConfig {
     /// an answer for the device waits for the device to close (spec
     /// Appendix A.7; see [`CloseReason::lingers`]).
     pub close_linger: Duration,
+    /// `coap.tls.disconnect_on_expired_certificate` (spec §3.5): the
+    /// transport glue sets each session's certificate deadline
+    /// ([`Session::set_certificate_deadline`]) from the earliest NotAfter
+    /// of the device's chain and of `ca_not_after`.
+    pub disconnect_on_expired_certificate: bool,
+    /// The earliest NotAfter of the configured CA file, when certificates
+    /// are checked against it.
+    pub ca_not_after: Option<SystemTime>,
 }
 
 impl Default for SessionConfig {
@@ -98,6 +106,8 @@ impl Default for SessionConfig {
             providers: Vec::new(),
             require_batch_observe: false,
             close_linger: Duration::from_secs(2),
+            disconnect_on_expired_certificate: false,
+            ca_not_after: None,
         }
     }
 }
@@ -160,6 +170,9 @@ pub enum CloseReason {
     /// failed, the hub refused a notification, or `/oic/res` is not batch
     /// observable while batch observation is required (checklist item 47).
     TwinSyncFailed(String),
+    /// The device's certificate, or the CA it chains to, expired (spec
+    /// §3.5, checklist item 12); we sent Release.
+    CertificateExpired,
 }
 
 impl CloseReason {
@@ -188,8 +201,10 @@ enum Timer {
     DeviceRequest = 2,
     /// Exchanged tokens wait for the issuer's new keys (spec §4.1).
     KeyRetry = 3,
+    /// spec §3.5: the device's certificate chain (or the CA) expires.
+    Certificate = 4,
 }
-const TIMERS: usize = 4;
+const TIMERS: usize = 5;
 
 /// Peer capabilities from its CSM (RFC 8323 §5.3). A device that sends no
 /// CSM gets the defaults (spec §2.3: real devices skip it).
@@ -361,6 +376,26 @@ impl Session {
         if self.timers[Timer::DeviceRequest as usize].is_some_and(|at| now >= at) {
             self.request_timed_out();
         }
+        if self.closed.is_none()
+            && self.timers[Timer::Certificate as usize].is_some_and(|at| now >= at)
+        {
+            // spec §3.5, checklist item 12: a certificate that is no longer
+            // valid ends the session, as a handshake with it would fail.
+            tracing::info!(
+                device_id = self.auth_context().map(|c| c.device_id.as_str()).unwrap_or(""),
+                peer = %self.identity.remote,
+                "the device's certificate expired; closing the connection"
+            );
+            let token = self.next_token();
+            signal::write_release(&mut self.out, &token);
+            self.closed = Some(CloseReason::CertificateExpired);
+        }
+    }
+
+    /// spec §3.5: the session ends (Release, then close) at `at`, when the
+    /// device's certificate chain or its CA expires.
+    pub fn set_certificate_deadline(&mut self, at: Instant) {
+        self.timers[Timer::Certificate as usize] = Some(at);
     }
 
     /// The gateway is shutting down: RFC 8323 §5.5 Release, then close.

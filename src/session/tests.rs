@@ -407,3 +407,25 @@ fn idle_session_holds_no_buffer() {
     h.sent();
     assert_eq!(h.session.out.capacity(), 0);
 }
+
+#[test]
+fn item_12_the_certificate_deadline_sends_release_and_closes() {
+    // spec §3.5: the transport glue sets the deadline from the chain's
+    // earliest NotAfter; the session says goodbye as at shutdown.
+    let mut h = Harness::new(Duration::from_secs(600));
+    h.sent();
+    h.session
+        .set_certificate_deadline(h.now + Duration::from_secs(5));
+    h.advance(Duration::from_secs(4));
+    assert!(h.session.is_closed().is_none());
+    assert!(h.sent().is_empty());
+    h.advance(Duration::from_secs(1));
+    assert_eq!(
+        h.session.is_closed(),
+        Some(&CloseReason::CertificateExpired)
+    );
+    let sent = h.sent();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].0, Code::RELEASE);
+    assert_eq!(h.session.poll_timeout(), None);
+}
