@@ -357,6 +357,13 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// The gateway's private key (PEM). Default `<data_dir>/pki/gateway-key.pem`.
     pub key: PathBuf,
+    /// Certificate revocation lists (PEM `X509 CRL` blocks or one DER CRL
+    /// per file), paths as written. Modes `identity` and `any` refuse a
+    /// device whose certificate, or an intermediate of its chain, one of
+    /// them revokes (spec §3.2 step 2, checklist item 11); a certificate
+    /// whose issuer has no CRL here is allowed. The files are read at start
+    /// (`serve` fails on a bad one, naming it). Default empty: no check.
+    pub crl: Vec<PathBuf>,
     /// Close a connection (Release) when the device's certificate chain or
     /// the CA expires (spec §3.5, checklist item 12): a handshake with it
     /// would fail by then. Default `true` (the reference defaults to
@@ -374,6 +381,7 @@ impl Default for TlsConfig {
             ca: PathBuf::new(),
             cert: PathBuf::new(),
             key: PathBuf::new(),
+            crl: Vec::new(),
             disconnect_on_expired_certificate: true,
         }
     }
@@ -395,6 +403,12 @@ impl TlsConfig {
                     "must name a file when coap.tls.enabled = true",
                 ));
             }
+        }
+        if self.crl.iter().any(|path| path.as_os_str().is_empty()) {
+            return Err(invalid(
+                "coap.tls.crl",
+                "an entry is empty; name a CRL file (PEM or DER) or leave the list empty",
+            ));
         }
         Ok(())
     }
@@ -1780,6 +1794,29 @@ mod tests {
         );
         c.coap.tls.enabled = false;
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn crl_files_are_a_list_kept_as_written() {
+        assert!(Config::default().coap.tls.crl.is_empty());
+        let c = Config::from_toml_str(
+            "[coap.tls]\ncrl = [\"/etc/gw/ca.crl\", \"crl/intermediate.der\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.coap.tls.crl,
+            [
+                PathBuf::from("/etc/gw/ca.crl"),
+                PathBuf::from("crl/intermediate.der")
+            ]
+        );
+        let err = Config::from_toml_str("[coap.tls]\ncrl = [\"\"]\n").unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { key, .. } if key == "coap.tls.crl"),
+            "{err}"
+        );
+        let err = Config::from_toml_str("[coap.tls]\ncrl = \"ca.crl\"\n").unwrap_err();
+        assert!(matches!(&err, ConfigError::Parse { .. }), "{err}");
     }
 
     #[test]

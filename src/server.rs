@@ -337,8 +337,9 @@ pub fn start_with_options(
     let backend = open_backend(config, options.memory, &service_id)?;
     let hub = backend.hub();
     let tls = if config.coap.tls.enabled {
-        Some(tls::server_config(
+        Some(tls::server_config_with_crls(
             &tls_files(config),
+            &config.coap.tls.crl,
             config.coap.tls.client_auth,
         )?)
     } else {

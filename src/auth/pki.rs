@@ -23,8 +23,9 @@ use std::path::{Path, PathBuf};
 
 use rcgen::string::Ia5String;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevocationReason, RevokedCertParams, SanType, SerialNumber,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -494,6 +495,44 @@ impl Ca {
     /// The CA private key, PKCS#8 PEM.
     pub fn key_pem(&self) -> String {
         self.issuer.key().serialize_pem()
+    }
+
+    /// A CRL signed by this CA that lists `revoked` (certificates it
+    /// issued) as revoked an hour ago, valid from an hour ago for 30 days;
+    /// PEM (`X509 CRL`). For tests and operators of the development PKI
+    /// (`[coap.tls] crl`).
+    pub fn revoke(&self, revoked: &[CertificateDer<'_>]) -> Result<String, PkiError> {
+        let now = OffsetDateTime::now_utc();
+        let revoked_certs = revoked
+            .iter()
+            .map(|der| {
+                let (_, cert) = parse_certificate(der, Path::new(IN_MEMORY))?;
+                Ok(RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(cert.raw_serial()),
+                    revocation_time: now - BACKDATE,
+                    reason_code: Some(RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+            })
+            .collect::<Result<Vec<_>, PkiError>>()?;
+        let params = CertificateRevocationListParams {
+            this_update: now - BACKDATE,
+            next_update: now + Duration::days(30),
+            crl_number: SerialNumber::from(now.unix_timestamp().unsigned_abs()),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params
+            .signed_by(&self.issuer)
+            .map_err(|source| PkiError::Generate {
+                what: "CRL",
+                source,
+            })?;
+        crl.pem().map_err(|source| PkiError::Generate {
+            what: "CRL PEM",
+            source,
+        })
     }
 
     /// Issues a leaf certificate with a fresh P-256 key.

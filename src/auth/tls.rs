@@ -9,8 +9,8 @@
 //! neither: no ALPN protocol is configured and a single certificate answers
 //! every name.
 //!
-//! The only IO is reading the PEM files named in `[coap.tls]`; every error
-//! names the file and what is wrong with it.
+//! The only IO is reading the PEM files named in `[coap.tls]` (and its CRL
+//! files, PEM or DER); every error names the file and what is wrong with it.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -24,7 +24,7 @@ use rustls::{
     SupportedProtocolVersion,
 };
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
 use super::verifier::{DeviceCertVerifier, LeafPolicy};
 use super::ClientAuth;
@@ -114,6 +114,22 @@ pub enum TlsError {
         /// rustls's complaint.
         source: VerifierBuilderError,
     },
+    /// A `coap.tls.crl` file could not be read.
+    #[error("coap.tls.crl: cannot read {}: {source}", path.display())]
+    CrlRead {
+        /// The CRL file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A `coap.tls.crl` file is not a certificate revocation list.
+    #[error("coap.tls.crl: {} is not a CRL: {problem}", path.display())]
+    BadCrl {
+        /// The CRL file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// rustls refused the protocol-version/cipher-suite combination.
     #[error("TLS settings rejected: {0}")]
     Settings(rustls::Error),
@@ -144,6 +160,20 @@ pub fn server_config(
     settings: &TlsFiles,
     client_auth: ClientAuth,
 ) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_with_crls(settings, &[], client_auth)
+}
+
+/// [`server_config`] with the revocation lists of `[coap.tls] crl`
+/// (checklist item 11): a device certificate they list as revoked is
+/// refused at the handshake, see [`DeviceCertVerifier`] for the policy.
+/// The CRL files are read and checked in every mode, so a bad one stops the
+/// gateway at start even with `client_auth = "none"`.
+pub fn server_config_with_crls(
+    settings: &TlsFiles,
+    crl_files: &[PathBuf],
+    client_auth: ClientAuth,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let crls = load_crls(crl_files)?;
     let roots = match client_auth {
         ClientAuth::None => RootCertStore::empty(),
         ClientAuth::Identity | ClientAuth::Any => load_roots(&settings.ca)?,
@@ -152,6 +182,7 @@ pub fn server_config(
     let key = load_private_key(&settings.key)?;
     build_server_config(
         roots,
+        crls,
         &settings.ca,
         chain,
         &settings.cert,
@@ -170,11 +201,22 @@ pub fn server_config_from_parts(
     client_auth: ClientAuth,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let label = Path::new(IN_MEMORY);
-    build_server_config(roots, label, chain, label, key, label, client_auth)
+    build_server_config(
+        roots,
+        Vec::new(),
+        label,
+        chain,
+        label,
+        key,
+        label,
+        client_auth,
+    )
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build_server_config(
     roots: RootCertStore,
+    crls: Vec<CertificateRevocationListDer<'static>>,
     ca_path: &Path,
     chain: Vec<CertificateDer<'static>>,
     cert_path: &Path,
@@ -191,12 +233,10 @@ fn build_server_config(
         // spec §3.2: clientCertificateRequired = false, nothing requested.
         None => builder.with_no_client_auth(),
         Some(policy) => {
-            let verifier =
-                DeviceCertVerifier::new(Arc::new(roots), policy, provider).map_err(|source| {
-                    TlsError::Verifier {
-                        path: ca_path.to_owned(),
-                        source,
-                    }
+            let verifier = DeviceCertVerifier::new(Arc::new(roots), crls, policy, provider)
+                .map_err(|source| TlsError::Verifier {
+                    path: ca_path.to_owned(),
+                    source,
                 })?;
             builder.with_client_cert_verifier(Arc::new(verifier))
         }
@@ -324,6 +364,43 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
         })?;
     }
     Ok(roots)
+}
+
+/// Reads the CRLs of `[coap.tls] crl`: each file holds one or more PEM
+/// `X509 CRL` blocks, or one DER-encoded CRL. Every CRL is parsed as webpki
+/// will use it, so a file that is not a CRL is refused here, named, rather
+/// than by the verifier without its name.
+pub fn load_crls(
+    paths: &[PathBuf],
+) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let mut crls = Vec::new();
+    for path in paths {
+        let bad = |problem: String| TlsError::BadCrl {
+            path: path.clone(),
+            problem,
+        };
+        let bytes = std::fs::read(path).map_err(|source| TlsError::CrlRead {
+            path: path.clone(),
+            source,
+        })?;
+        let in_file = if bytes.windows(10).any(|w| w == b"-----BEGIN") {
+            let pem = CertificateRevocationListDer::pem_slice_iter(&bytes)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(format!("not valid PEM: {e}")))?;
+            if pem.is_empty() {
+                return Err(bad("holds no `X509 CRL` PEM block".into()));
+            }
+            pem
+        } else {
+            vec![CertificateRevocationListDer::from(bytes)]
+        };
+        for crl in &in_file {
+            webpki::OwnedCertRevocationList::from_der(crl.as_ref())
+                .map_err(|e| bad(format!("not a valid DER or PEM X.509 CRL ({e:?})")))?;
+        }
+        crls.extend(in_file);
+    }
+    Ok(crls)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -988,5 +1065,129 @@ mod tests {
         let device = f.device("device", &LeafSpec::device(Uuid::new_v4()));
         let err = client_config(&f.files.ca, Some((&device.0, &files.key))).unwrap_err();
         assert!(matches!(err, TlsError::KeyMismatch { .. }), "{err:?}");
+    }
+
+    fn assert_revoked(result: Result<(ClientConnection, ServerConnection), Failed>) {
+        match result {
+            Err(Failed::Server(rustls::Error::InvalidCertificate(CertificateError::Revoked))) => {}
+            Err(e) => panic!("expected a revoked certificate, got {e:?}"),
+            Ok(_) => panic!("expected a revoked certificate, handshake succeeded"),
+        }
+    }
+
+    /// Writes a CRL of `ca` revoking `revoked`, as PEM or DER.
+    fn write_crl(f: &Fixture, name: &str, ca: &Ca, revoked: &[&Path], der: bool) -> PathBuf {
+        let revoked: Vec<_> = revoked
+            .iter()
+            .map(|path| load_certificates(path).unwrap().remove(0))
+            .collect();
+        let pem = ca.revoke(&revoked).unwrap();
+        let path = f.dir.path().join(name);
+        if der {
+            let der = CertificateRevocationListDer::from_pem_slice(pem.as_bytes()).unwrap();
+            fs::write(&path, der.as_ref()).unwrap();
+        } else {
+            fs::write(&path, pem).unwrap();
+        }
+        path
+    }
+
+    #[test]
+    fn crl_refuses_revoked_devices_only() {
+        let f = Fixture::new();
+        let revoked = f.device("revoked", &LeafSpec::device(Uuid::new_v4()));
+        let kept = f.device("kept", &LeafSpec::device(Uuid::new_v4()));
+        let any = f.device("any", &LeafSpec::any_device(Uuid::new_v4()));
+        for der in [false, true] {
+            let crl = write_crl(&f, "ca.crl", &f.ca, &[&revoked.0, &any.0], der);
+            let crls = [crl];
+            for mode in [ClientAuth::Identity, ClientAuth::Any] {
+                let server = server_config_with_crls(&f.files, &crls, mode).unwrap();
+                assert_revoked(connect(f.client(Some(&revoked)), server.clone()));
+                connect(f.client(Some(&kept)), server.clone()).expect("not revoked");
+                if mode == ClientAuth::Any {
+                    assert_revoked(connect(f.client(Some(&any)), server));
+                }
+            }
+            // Without the CRL the same certificate is served.
+            let server = server_config(&f.files, ClientAuth::Identity).unwrap();
+            connect(f.client(Some(&revoked)), server).expect("no CRL configured");
+        }
+    }
+
+    #[test]
+    fn crl_checks_the_whole_chain_and_allows_unknown_status() {
+        let f = Fixture::new();
+        let intermediate = f.ca.intermediate("device issuing CA").unwrap();
+        let leaf = intermediate
+            .issue(&LeafSpec::device(Uuid::new_v4()))
+            .unwrap();
+        let device = f.write("chained", &leaf, &[intermediate.cert_pem()]);
+        let intermediate_path = f.dir.path().join("intermediate.pem");
+        fs::write(&intermediate_path, intermediate.cert_pem()).unwrap();
+
+        // A root CRL that does not list the intermediate; the intermediate
+        // has no CRL: its leaf's status is unknown, which is allowed.
+        let other = f.device("other", &LeafSpec::device(Uuid::new_v4()));
+        let crls = [write_crl(&f, "root.crl", &f.ca, &[&other.0], false)];
+        let server = server_config_with_crls(&f.files, &crls, ClientAuth::Identity).unwrap();
+        connect(f.client(Some(&device)), server).expect("unknown status is allowed");
+
+        // The root revokes the intermediate: its leaf is refused.
+        let crls = [write_crl(
+            &f,
+            "root.crl",
+            &f.ca,
+            &[&intermediate_path],
+            false,
+        )];
+        let server = server_config_with_crls(&f.files, &crls, ClientAuth::Identity).unwrap();
+        assert_revoked(connect(f.client(Some(&device)), server));
+
+        // The intermediate revokes the leaf (its CRL only).
+        let crls = [write_crl(
+            &f,
+            "inter.crl",
+            &intermediate,
+            &[&device.0],
+            false,
+        )];
+        let server = server_config_with_crls(&f.files, &crls, ClientAuth::Identity).unwrap();
+        assert_revoked(connect(f.client(Some(&device)), server));
+    }
+
+    #[test]
+    fn bad_crl_files_are_named() {
+        let f = Fixture::new();
+        let check = |path: &Path, mode: ClientAuth| {
+            let err = server_config_with_crls(&f.files, &[path.to_owned()], mode).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains("coap.tls.crl") && text.contains(&*path.to_string_lossy()),
+                "{text}"
+            );
+            (err, text)
+        };
+        let absent = f.dir.path().join("absent.crl");
+        let (err, _) = check(&absent, ClientAuth::Identity);
+        assert!(matches!(err, TlsError::CrlRead { .. }), "{err:?}");
+
+        let garbage = f.dir.path().join("garbage.crl");
+        fs::write(&garbage, b"this is not a CRL\n").unwrap();
+        let (err, _) = check(&garbage, ClientAuth::Any);
+        assert!(matches!(err, TlsError::BadCrl { .. }), "{err:?}");
+        // Read and checked in mode none too: the file is wrong either way.
+        check(&garbage, ClientAuth::None);
+
+        // A certificate is PEM, but not a CRL.
+        let (err, text) = check(&f.files.ca, ClientAuth::Identity);
+        assert!(matches!(err, TlsError::BadCrl { .. }), "{err:?}");
+        assert!(text.contains("X509 CRL"), "{text}");
+
+        // A DER certificate is not a DER CRL.
+        let der = f.dir.path().join("ca.der");
+        fs::write(&der, f.ca.cert_der().as_ref()).unwrap();
+        let (err, _) = check(&der, ClientAuth::Identity);
+        assert!(matches!(err, TlsError::BadCrl { .. }), "{err:?}");
     }
 }
