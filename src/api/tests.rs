@@ -197,7 +197,13 @@ impl Fixture {
 
     /// A fixture whose hub reaches device connections through `device`.
     fn with_device(reply: Reply) -> (Fixture, Arc<DeviceDouble>) {
-        let hub = Arc::new(MemoryHub::new());
+        Fixture::with_device_on(MemoryHub::new(), reply)
+    }
+
+    /// [`Fixture::with_device`] on `hub` (e.g. a durable one, which keeps
+    /// the event log).
+    fn with_device_on(hub: MemoryHub, reply: Reply) -> (Fixture, Arc<DeviceDouble>) {
+        let hub = Arc::new(hub);
         let device = Arc::new(DeviceDouble {
             hub: Arc::downgrade(&hub),
             reply: Mutex::new(reply),
@@ -1640,6 +1646,62 @@ fn metrics_count_the_hubs_work() {
         "coapgw_hub_commands_pending 1",
     ] {
         assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+    }
+}
+
+#[test]
+fn every_command_kinds_answer_content_is_in_its_command_answered_event() {
+    // Issue 13: what the device answered goes into the event log (and the
+    // events stream) for update, retrieve, create and delete alike.
+    let dir = tempfile::tempdir().unwrap();
+    let answer = json!({"state": true, "power": 40});
+    let (f, _device) = Fixture::with_device_on(
+        MemoryHub::open(dir.path()).unwrap(),
+        Reply::Answer(Status::Ok, cbor(answer.clone())),
+    );
+    f.populate();
+    let alice = f.user_token("alice");
+    let light = format!("/api/v1/devices/{D1}/resources/light/1");
+    let links = format!("/api/v1/devices/{D1}/resource-links");
+    let calls = [
+        f.api.put_json(&light, &alice, r#"{"state": true}"#),
+        f.api.get(&format!("{light}?twin=false"), Some(&alice)),
+        f.api.send(
+            "POST",
+            &format!("{links}/switches"),
+            Some(&alice),
+            "",
+            b"{}",
+        ),
+        f.api.send(
+            "DELETE",
+            &format!("{links}/switches/1"),
+            Some(&alice),
+            "",
+            b"",
+        ),
+    ];
+    for call in &calls {
+        assert_eq!(call.status, 200, "{:?}", call.body);
+    }
+    let answered: Vec<(String, Value)> = f
+        .hub
+        .events_after("alice", 0, 1000)
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind.name() == "command_answered")
+        .map(|e| {
+            let shown = super::events::event_json(e);
+            (
+                shown["operation"].as_str().unwrap_or("?").to_owned(),
+                shown["content"].clone(),
+            )
+        })
+        .collect();
+    let kinds: Vec<&str> = answered.iter().map(|(op, _)| op.as_str()).collect();
+    assert_eq!(kinds, ["update", "retrieve", "create", "delete"]);
+    for (op, content) in &answered {
+        assert_eq!(content, &answer, "{op}");
     }
 }
 
