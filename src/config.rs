@@ -226,6 +226,11 @@ pub struct CoapConfig {
     /// it for this long is closed. Greater than zero. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub write_stall_timeout: Duration,
+    /// Most TLS handshakes in progress per shard; at the limit the shard
+    /// stops accepting and new connections wait in the kernel's listen
+    /// backlog until a handshake ends (a reconnect storm is admitted at
+    /// the pace the CPU can do handshakes). 0 = no limit. Default 256.
+    pub max_handshakes_per_shard: usize,
     /// `[coap.tls]`
     pub tls: TlsConfig,
 }
@@ -244,6 +249,7 @@ impl Default for CoapConfig {
             close_linger: Duration::from_secs(2),
             max_outbound_bytes: 262_144,
             write_stall_timeout: Duration::from_secs(30),
+            max_handshakes_per_shard: 256,
             tls: TlsConfig::default(),
         }
     }

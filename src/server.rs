@@ -455,6 +455,7 @@ pub fn start_with_options(
     runtime.handshake_timeout = config.coap.handshake_timeout;
     runtime.max_pending_tx = config.coap.max_outbound_bytes;
     runtime.write_stall_timeout = config.coap.write_stall_timeout;
+    runtime.max_handshakes = config.coap.max_handshakes_per_shard;
     runtime.shutdown = shutdown;
     let tls_on = config.coap.tls.enabled;
     let session = session_config(

@@ -228,3 +228,48 @@ fn a_device_that_stays_stalled_is_closed_after_the_write_stall_timeout() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn past_max_handshakes_new_connections_wait_and_connected_devices_are_served() {
+    // Two connections that never send a ClientHello hold the shard's two
+    // handshake places until `handshake_timeout`; a third device waits in
+    // the listen backlog meanwhile, while a device already connected keeps
+    // getting its Pongs.
+    let setup = Setup::new("max_handshakes_per_shard = 2\nhandshake_timeout = \"2s\"\n");
+    let mut gw = setup.serve();
+    setup.wait_ready(&mut gw, Duration::from_secs(20));
+    let tls = device_tls(&setup);
+    let addr = format!("127.0.0.1:{}", setup.port).parse().expect("addr");
+    let mut connected = common::ocf::OcfDevice::connect_to(addr, tls.clone());
+    connected.assert_open();
+    let silent: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(("127.0.0.1", setup.port)).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let waiting = std::thread::spawn(move || {
+        let mut dev = common::ocf::OcfDevice::connect_to(addr, tls);
+        dev.assert_open();
+        started.elapsed()
+    });
+    // Served meanwhile: a Ping round trip on the connected device.
+    std::thread::sleep(Duration::from_millis(500));
+    let ping_started = Instant::now();
+    let mut ping = Vec::new();
+    signal::write_ping(&mut ping, b"p", false);
+    connected.dev.send(&ping).expect("ping");
+    let pong = connected.dev.recv().expect("pong");
+    assert_eq!(pong.code, Code::PONG);
+    assert!(
+        ping_started.elapsed() < Duration::from_millis(500),
+        "a connected device waited {:?} for its Pong",
+        ping_started.elapsed()
+    );
+    let took = waiting.join().expect("the waiting device");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "a device was admitted after {took:?}, with both handshake places held"
+    );
+    assert!(metric(&setup, "coapgw_accept_paused_total") >= 1);
+    drop(silent);
+}

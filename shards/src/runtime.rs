@@ -91,6 +91,11 @@ pub struct RuntimeConfig {
     /// A connection at `max_pending_tx` whose peer takes none of it for
     /// this long is closed ([`CloseReason::WriteStalled`]).
     pub write_stall_timeout: Duration,
+    /// Most TLS handshakes in progress on one shard; 0 = no limit. At the
+    /// limit the shard stops accepting: new connections wait in the
+    /// kernel's listen backlog (and, once it is full, in the clients' SYN
+    /// retries), not in this process, until a handshake ends.
+    pub max_handshakes: usize,
 }
 
 /// Floor of [`RuntimeConfig::max_pending_tx`]: a few TLS records.
@@ -111,6 +116,7 @@ impl RuntimeConfig {
             pin: true,
             max_pending_tx: 256 * 1024,
             write_stall_timeout: Duration::from_secs(30),
+            max_handshakes: 256,
         }
     }
 }
@@ -164,6 +170,9 @@ pub struct ShardStats {
     /// Connections closed because their peer took none of their unsent
     /// bytes within `write_stall_timeout`.
     pub write_stall_closes: AtomicU64,
+    /// Times the shard stopped accepting because `max_handshakes` were in
+    /// progress.
+    pub accept_paused: AtomicU64,
     /// Bytes the shard's connections have waiting for their sockets, as
     /// of each connection's latest turn (each at most about
     /// `max_pending_tx`).
@@ -521,6 +530,8 @@ struct Shard<S: Service> {
     tx: RefCell<Vec<u8>>,
     /// Scratch for the output of a delivered message.
     msg_tx: RefCell<Vec<u8>>,
+    /// Connections of this shard whose TLS handshake is in progress.
+    handshaking: Cell<usize>,
     /// Bytes waiting for the flusher, and whose they are.
     out: RefCell<OutQueue>,
     /// The flusher task's waker, and whether it has been woken for the
@@ -552,6 +563,18 @@ const RX_BUFFER: usize = 64 * 1024;
 const READ_SIZE: usize = 16 * 1024 + 5;
 /// The read size for a connection with unsent bytes.
 const SLOW_READ: usize = 2 * 1024;
+/// How often a shard that stopped accepting looks at its handshakes again.
+const ACCEPT_PAUSE_POLL: Duration = Duration::from_millis(5);
+
+/// The connection's handshake is over (done, failed, timed out, or the
+/// connection is gone): it no longer counts against `max_handshakes`.
+fn end_handshake<S: Service>(shard: &Shard<S>, slot: &mut Slot<S::Conn>) {
+    if slot.handshake_deadline.take().is_some() {
+        shard
+            .handshaking
+            .set(shard.handshaking.get().saturating_sub(1));
+    }
+}
 /// How long a closing connection may take to accept its last bytes.
 const LINGER: Duration = Duration::from_secs(2);
 /// Reads per wake-up before the task yields to others (fairness).
@@ -582,6 +605,7 @@ async fn run_shard<S: Service>(
         rx: RefCell::new(vec![0; RX_BUFFER]),
         tx: RefCell::new(Vec::new()),
         msg_tx: RefCell::new(Vec::new()),
+        handshaking: Cell::new(0),
         out: RefCell::new(OutQueue::default()),
         flusher: RefCell::new(None),
         flush_scheduled: Cell::new(false),
@@ -861,7 +885,21 @@ fn fire_timers<S: Service>(shard: &Shard<S>, now: Instant) {
 }
 
 async fn accept_loop<S: Service>(shard: Rc<Shard<S>>, listener: TcpListener) {
+    let limit = shard.shared.config.max_handshakes;
     loop {
+        // Admission: past `max_handshakes` in progress, leave new
+        // connections in the kernel's backlog until one ends (a storm then
+        // spreads over the clients' SYN retries instead of piling up here).
+        if limit != 0 && shard.handshaking.get() >= limit {
+            shard
+                .shared
+                .stats
+                .accept_paused
+                .fetch_add(1, Ordering::Relaxed);
+            while shard.handshaking.get() >= limit {
+                glommio::timer::sleep(ACCEPT_PAUSE_POLL).await;
+            }
+        }
         let stream = match listener.accept().await {
             Ok(stream) => stream,
             Err(e) => {
@@ -945,6 +983,9 @@ fn adopt<S: Service>(
 ) {
     let generation = shard.next_generation.get();
     shard.next_generation.set(generation.wrapping_add(1));
+    if handshake_deadline.is_some() {
+        shard.handshaking.set(shard.handshaking.get() + 1);
+    }
     let mut slots = shard.slots.borrow_mut();
     let entry = slots.vacant_entry();
     let key = entry.key();
@@ -1098,7 +1139,7 @@ impl<S: Service> Future for ConnTask<S> {
                     slot.driver
                         .receive(&shard.service, slot.endpoint, now, &mut rx[..n], &mut tx);
                     if was_handshaking && !slot.driver.is_handshaking() {
-                        slot.handshake_deadline = None;
+                        end_handshake(shard, slot);
                         shard
                             .shared
                             .stats
@@ -1164,7 +1205,7 @@ impl<S: Service> Future for ConnTask<S> {
         if slot.handshake_deadline.is_some()
             && matches!(slot.driver.closed(), Some(CloseReason::Tls(_)))
         {
-            slot.handshake_deadline = None;
+            end_handshake(shard, slot);
             shard
                 .shared
                 .stats
@@ -1250,9 +1291,10 @@ impl<S: Service> Future for ConnTask<S> {
             if let Some(at) = slot.registered.take() {
                 shard.timers.borrow_mut().remove(&(at, this.key));
             }
-            let removed = slots.remove(this.key);
+            let mut removed = slots.remove(this.key);
             drop(slots);
             gauge.fetch_sub(removed.accounted, Ordering::Relaxed);
+            end_handshake(shard, &mut removed);
             if let (None, Some(tag), Some(reason)) = (
                 removed.driver.app(),
                 removed.driver.client_tag(),

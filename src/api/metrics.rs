@@ -30,7 +30,7 @@ impl ShardMetrics {
 type Read = fn(&ShardStats) -> u64;
 
 /// (name, help, read); the `_total` suffix is added by the encoder.
-const COUNTERS: [(&str, &str, Read); 10] = [
+const COUNTERS: [(&str, &str, Read); 11] = [
     ("connections_accepted", "TCP connections accepted", |s| {
         s.accepted.load(Ordering::Relaxed)
     }),
@@ -69,6 +69,11 @@ const COUNTERS: [(&str, &str, Read); 10] = [
         "outbound_backpressure",
         "times a connection's unsent bytes reached coap.max_outbound_bytes and reading from it paused",
         |s| s.backpressure.load(Ordering::Relaxed),
+    ),
+    (
+        "accept_paused",
+        "times the shard stopped accepting because coap.max_handshakes_per_shard handshakes were in progress",
+        |s| s.accept_paused.load(Ordering::Relaxed),
     ),
     (
         "write_stall_closes",
