@@ -256,8 +256,8 @@ fn certs_init_and_device_write_the_files() {
 #[test]
 fn http_api_serves_health_readiness_and_metrics() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let api_port = free_port();
+    let ports = common::nats::distinct_ports(2);
+    let (port, api_port) = (ports[0], ports[1]);
     let mut child = gateway(dir.path(), port)
         .env(
             "COAP_GATEWAY__API__ADDRESS",

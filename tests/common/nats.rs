@@ -479,8 +479,8 @@ pub fn shared() -> &'static SharedNats {
     static SHARED: OnceLock<SharedNats> = OnceLock::new();
     SHARED.get_or_init(|| {
         let bin = nats_server_bin();
-        let port = free_port();
-        let monitor_port = free_port();
+        let ports = distinct_ports(2);
+        let (port, monitor_port) = (ports[0], ports[1]);
         let dir = std::env::temp_dir().join(format!("coap-gateway-test-nats-{}", unique_prefix()));
         std::fs::create_dir_all(&dir).expect("shared nats dir");
         // $1 = nats-server, $2 = the dir, the rest its arguments. The

@@ -156,8 +156,10 @@ impl Setup {
     fn build(extra: &str, hub: HubBackend, cluster: Option<Option<&Setup>>) -> Setup {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
-        let port = free_port();
-        let api_port = free_port();
+        // Two calls of free_port can give the same port (CI saw the API
+        // refused on the CoAP port): distinct ones.
+        let ports = super::nats::distinct_ports(2);
+        let (port, api_port) = (ports[0], ports[1]);
         let config = dir.path().join("gateway.toml");
         let path = |p: &Path| format!("{:?}", p.to_str().expect("utf-8 path"));
         let hub_keys = match &hub {
