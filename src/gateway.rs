@@ -94,10 +94,14 @@ impl Service for GatewayService {
     type Conn = DeviceConnection;
 
     fn accept(&self, info: &ConnInfo<'_>, now: Instant) -> DeviceConnection {
+        // The leaf is parsed once: its device ID and its NotAfter.
+        let presented = info
+            .peer_certificates
+            .map(|chain| (peer_identity(chain), chain));
         let identity = PeerIdentity {
-            device_id: info
-                .peer_certificates
-                .and_then(|chain| peer_identity(chain).device_id.map(String::into_boxed_str)),
+            device_id: presented
+                .as_ref()
+                .and_then(|(leaf, _)| leaf.device_id.as_deref().map(Box::from)),
             connection: connection_ref(info.id),
             remote: info.peer_addr.to_string().into_boxed_str(),
         };
@@ -116,9 +120,13 @@ impl Service for GatewayService {
         let mut session =
             Session::new(self.config.clone(), identity, now, u64::from_be_bytes(seed));
         if self.config.disconnect_on_expired_certificate {
-            // spec §3.5: the earliest NotAfter of the presented chain and of
-            // the CA, on the monotonic clock the session runs on.
-            let chain = info.peer_certificates.and_then(earliest_not_after);
+            // spec §3.5: the earliest NotAfter of the presented chain (the
+            // leaf's came with its identity) and of the CA, on the
+            // monotonic clock the session runs on.
+            let chain = presented.and_then(|(leaf, chain)| {
+                let rest = earliest_not_after(chain.get(1..).unwrap_or_default());
+                leaf.not_after.into_iter().chain(rest).min()
+            });
             if let Some(expiry) = chain.into_iter().chain(self.config.ca_not_after).min() {
                 let left = expiry.duration_since(SystemTime::now()).unwrap_or_default();
                 session.set_certificate_deadline(now + left);

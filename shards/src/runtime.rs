@@ -1111,16 +1111,15 @@ impl<S: Service> Future for ConnTask<S> {
         let mut rx = shard.rx.borrow_mut();
         let mut eof = false;
         let mut paused = false;
-        let mut budget_spent = true;
+        // Reads that returned data this turn.
+        let mut reads = 0;
         for _ in 0..READ_BUDGET {
             if slot.driver.closed().is_some() {
-                budget_spent = false;
                 break;
             }
             let unsent = slot.pending_tx.len() + tx.len();
             if unsent >= max_pending {
                 paused = true;
-                budget_spent = false;
                 break;
             }
             // Reads are sized by what they may produce: a few bytes in can
@@ -1131,10 +1130,10 @@ impl<S: Service> Future for ConnTask<S> {
             match Pin::new(&mut slot.stream).poll_read(cx, &mut rx[..len]) {
                 Poll::Ready(Ok(0)) => {
                     eof = true;
-                    budget_spent = false;
                     break;
                 }
                 Poll::Ready(Ok(n)) => {
+                    reads += 1;
                     let was_handshaking = slot.driver.is_handshaking();
                     slot.driver
                         .receive(&shard.service, slot.endpoint, now, &mut rx[..n], &mut tx);
@@ -1152,17 +1151,13 @@ impl<S: Service> Future for ConnTask<S> {
                 }
                 Poll::Ready(Err(e)) => {
                     slot.driver.abort(now, CloseReason::Io(e.to_string()));
-                    budget_spent = false;
                     break;
                 }
-                Poll::Pending => {
-                    budget_spent = false;
-                    break;
-                }
+                Poll::Pending => break,
             }
         }
         drop(rx);
-        if budget_spent {
+        if reads == READ_BUDGET {
             // Every read of this turn returned data and no read armed a
             // readiness poll (glommio arms one only when a read would
             // block): more is waiting, so come back after the others had
